@@ -1,0 +1,200 @@
+"""The evaluation protocol every method shares: inference (whole image or sliding
+windows, each window its own image), mIoU over the split, per-image FLOPs from the
+compute trace, and throughput/latency timed the same way for every method.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, replace
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm import tqdm
+
+from bench.metrics import ConfusionMatrix, iou_scores
+from bench.train import normalize
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    mode: str = "whole"  # "whole" or "slide"
+    window: Optional[int] = None
+    stride: Optional[int] = None
+    batch_size: int = 8  # images (whole) or windows (slide) per forward
+    device: str = "cpu"
+
+
+@dataclass
+class Prediction:
+    logits: Tensor  # (B, C, H, W) at label resolution
+    flops: Optional[Tensor] = None  # (B,) per image, windows summed
+    tokens: Optional[Tensor] = None  # (B, depth) tokens each block processed, windows summed
+    full_tokens: Optional[Tensor] = None  # (B,) tokens per block of the full model
+    left_at: Optional[list] = None  # per image: (grid_h, grid_w) layer each patch left at
+
+
+def window_starts(size: int, window: int, stride: int) -> list[int]:
+    """Window offsets along one axis; the last window is aligned to the border."""
+    if size <= window:
+        return [0]
+    starts = list(range(0, size - window, stride))
+    return starts + [size - window]
+
+
+def _pad_to(x: Tensor, h: int, w: int) -> Tensor:
+    return F.pad(x, (0, w - x.shape[-1], 0, h - x.shape[-2]))
+
+
+def _forward(model, policy, x: Tensor, flop_model, keep_maps: bool):
+    """Forward a batch whose H, W are multiples of the patch size."""
+    logits, state = model.forward_state(x, policy)
+    flops = flop_model.image_flops(state.trace, tuple(x.shape[-2:])) if flop_model is not None else None
+    tokens = state.trace.tokens
+    full = torch.full((x.shape[0],), state.source.shape[1], dtype=torch.long)
+    maps = state.left_at.reshape(x.shape[0], *state.grid).cpu() if keep_maps else None
+    return logits, flops, tokens, full, maps
+
+
+def predict(model, policy, images: Tensor, settings: EvalSettings, *, scale: float = 1.0,
+            flop_model=None, keep_maps: bool = False) -> Prediction:
+    """Segment uint8 images (B, 3, H, W) of one size; logits come back at (H, W).
+
+    ``scale`` resizes the input first (static references); the image is padded to a
+    multiple of the patch size (and to the window where smaller) and logits cropped back.
+    """
+    B, _, H, W = images.shape
+    x = normalize(images.to(settings.device))
+    if scale != 1.0:
+        x = F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False, recompute_scale_factor=False)
+    h, w = x.shape[-2:]
+    p = model.patch_size
+    if settings.mode == "whole":
+        x = _pad_to(x, -(-h // p) * p, -(-w // p) * p)
+        logits, flops, tokens, full, maps = _forward(model, policy, x, flop_model, keep_maps)
+        logits = logits[..., :h, :w]
+        left_at = list(maps) if maps is not None else None
+    else:
+        win, stride = settings.window, settings.stride
+        x = _pad_to(x, max(h, win), max(w, win))
+        ph, pw = x.shape[-2:]
+        boxes = [(t, l) for t in window_starts(ph, win, stride) for l in window_starts(pw, win, stride)]
+        logits = x.new_zeros(B, model.num_classes, ph, pw)
+        hits = x.new_zeros(1, 1, ph, pw)
+        flops = torch.zeros(B, dtype=torch.long) if flop_model is not None else None
+        tokens, full, left_at = 0, 0, None
+        crops = torch.stack([x[:, :, t : t + win, l : l + win] for t, l in boxes], 1).flatten(0, 1)
+        outs = []
+        for chunk in crops.split(max(1, settings.batch_size)):
+            out, f, tk, fu, _ = _forward(model, policy, chunk, flop_model, False)
+            outs.append((out, f, tk, fu))
+        out = torch.cat([o[0] for o in outs]).unflatten(0, (B, len(boxes)))
+        for k, (t, l) in enumerate(boxes):
+            logits[:, :, t : t + win, l : l + win] += out[:, k]
+            hits[:, :, t : t + win, l : l + win] += 1
+        logits = (logits / hits)[..., :h, :w]
+        tokens = torch.cat([o[2] for o in outs]).unflatten(0, (B, len(boxes))).sum(1)
+        full = torch.cat([o[3] for o in outs]).unflatten(0, (B, len(boxes))).sum(1)
+        if flop_model is not None:
+            flops = torch.cat([o[1] for o in outs]).unflatten(0, (B, len(boxes))).sum(1)
+    if (h, w) != (H, W):
+        logits = F.interpolate(logits, size=(H, W), mode="bilinear", align_corners=False)
+    return Prediction(logits, flops, tokens, full, left_at)
+
+
+def image_batches(dataset, batch_size: int, limit: Optional[int] = None):
+    """Consecutive images of equal size, at most ``batch_size`` at a time."""
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    batch: list = []
+    for i in range(n):
+        image, label = dataset[i]
+        if batch and (len(batch) == batch_size or batch[0][0].shape != image.shape):
+            yield batch
+            batch = []
+        batch.append((image, label))
+    if batch:
+        yield batch
+
+
+@torch.inference_mode()
+def evaluate(model, policy, dataset, settings: EvalSettings, flop_model, *, num_classes: int,
+             scale: float = 1.0, limit: Optional[int] = None, progress: bool = False,
+             ignore_index: int = 255) -> dict:
+    """mIoU over the split, per-image GFLOPs and the fraction of tokens each block computed."""
+    model.eval()
+    cm = ConfusionMatrix(num_classes, ignore_index=ignore_index)
+    flops, tokens, full = [], 0, 0
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    per_forward = settings.batch_size if settings.mode == "whole" else 1
+    bar = tqdm(total=n, desc=f"eval {getattr(policy, 'name', '')}", unit="img", disable=not progress, leave=False)
+    for batch in image_batches(dataset, per_forward, limit):
+        images = torch.stack([b[0] for b in batch])
+        labels = torch.stack([b[1] for b in batch])
+        pred = predict(model, policy, images, settings, scale=scale, flop_model=flop_model)
+        cm.update(pred.logits.argmax(1).cpu(), labels)
+        flops.append(pred.flops)
+        tokens = tokens + pred.tokens.sum(0)
+        full = full + pred.full_tokens.sum()
+        bar.update(len(batch))
+    bar.close()
+    per_class, miou = iou_scores(cm.matrix)
+    gflops = torch.cat(flops).double() / 1e9
+    return {
+        "miou": miou,
+        "per_class_iou": per_class,
+        "gflops": {"mean": gflops.mean().item(), "std": gflops.std(unbiased=False).item(),
+                   "min": gflops.min().item(), "max": gflops.max().item()},
+        "tokens_per_block": (tokens.double() / float(full)).tolist(),
+        "images": n,
+    }
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+@torch.inference_mode()
+def time_methods(runs: dict, images: Tensor, settings: EvalSettings, *, batch_size: int,
+                 warmup: int = 2, repeats: int = 5) -> dict:
+    """Throughput (images/s) and batch-1 latency of several methods on the same
+    pre-loaded uint8 images, interleaved repeat by repeat so that drift in the machine's
+    speed hits every method alike. ``runs`` maps name -> (model, policy, scale).
+
+    Each timed pass segments every image in ``images`` at ``batch_size`` with the full
+    ``predict`` path (resize, pad, windows, gathers and scatters included; data loading
+    excluded). Throughput is the median over repeats; latency p50/p90 is over every image
+    of every repeat when ``batch_size`` is 1.
+    """
+    images = images.to(settings.device)
+    # whole images: `batch_size` images per forward; windows: one image at a time, its
+    # windows `batch_size` per forward
+    per_pass = batch_size if settings.mode == "whole" else 1
+    chunks = images.split(per_pass)
+    run_settings = replace(settings, batch_size=batch_size)
+    rates = {name: [] for name in runs}
+    latencies = {name: [] for name in runs}
+    for r in range(warmup + repeats):
+        for name, (model, policy, scale) in runs.items():
+            model.eval()
+            _sync(settings.device)
+            start = time.perf_counter()
+            for chunk in chunks:
+                t0 = time.perf_counter()
+                predict(model, policy, chunk, run_settings, scale=scale)
+                _sync(settings.device)
+                if r >= warmup and batch_size == 1:
+                    latencies[name].append((time.perf_counter() - t0) * 1e3)
+            elapsed = time.perf_counter() - start
+            if r >= warmup:
+                rates[name].append(len(images) / elapsed)
+    out = {}
+    for name in runs:
+        entry = {"throughput": statistics.median(rates[name])}
+        if latencies[name]:
+            q = torch.tensor(latencies[name]).quantile(torch.tensor([0.5, 0.9])).tolist()
+            entry["latency_ms"] = {"p50": q[0], "p90": q[1]}
+        out[name] = entry
+    return out

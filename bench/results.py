@@ -1,0 +1,177 @@
+"""Results store: one JSON record per line, one file per dataset (``results/<dataset>.jsonl``).
+
+A record is a dict with ``schema_version`` (``SCHEMA_VERSION``) and an identity, the
+fields in ``IDENTITY_FIELDS``; everything else (mIoU, GFLOPs, throughput, ...) is free.
+Two records with the same identity are the same measurement: storing it twice needs
+``replace=True``.
+
+Writes never corrupt what is stored: the whole new file is written to a temp file in the
+same folder, fsynced, then ``os.replace``d over the old one (atomic on POSIX), under an
+exclusive ``flock`` on ``<root>/.lock`` so concurrent appenders don't lose records.
+Lines that cannot be parsed are reported by file and line, and kept verbatim on rewrite.
+Per-class IoU may hold NaN, written as the bare ``NaN`` token Python's json reads back.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # no flock on Windows: writes stay atomic, only concurrency is unguarded
+    fcntl = None
+
+from bench.errors import BenchError
+
+SCHEMA_VERSION = 1
+IDENTITY_FIELDS = ("method", "knobs", "dataset", "split", "checkpoint")
+REQUIRED_FIELDS = ("schema_version",) + IDENTITY_FIELDS
+LOCK_NAME = ".lock"
+
+
+def _missing(rec: dict) -> list[str]:
+    return [k for k in REQUIRED_FIELDS if k not in rec]
+
+
+def record_identity(rec: dict) -> str:
+    """Canonical JSON string of the identity fields (sorted keys, no spaces)."""
+    missing = [k for k in IDENTITY_FIELDS if k not in rec]
+    if missing:
+        raise BenchError(f"result record lacks identity field(s): {', '.join(missing)}")
+    return json.dumps({k: rec[k] for k in IDENTITY_FIELDS}, sort_keys=True,
+                      separators=(",", ":"))
+
+
+def _lines(data: bytes) -> list[bytes]:
+    # Split on "\n" only, so a line is kept byte for byte (stray "\r" included).
+    lines = data.split(b"\n")
+    return lines[:-1] if lines and not lines[-1] else lines
+
+
+def _parse(line: bytes) -> tuple[dict | None, str | None]:
+    """(record, None) for a good line, (None, why) for a bad one."""
+    try:
+        rec = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        return None, f"not valid JSON ({e})"
+    if not isinstance(rec, dict):
+        return None, f"not a JSON object (got {type(rec).__name__})"
+    if _missing(rec):
+        return None, f"missing required field(s): {', '.join(_missing(rec))}"
+    if rec["schema_version"] != SCHEMA_VERSION:
+        return None, (f"schema_version {rec['schema_version']!r} is not supported "
+                      f"(expected {SCHEMA_VERSION})")
+    return rec, None
+
+
+class ResultsStore:
+    def __init__(self, root: str | os.PathLike = "results"):
+        self.root = Path(root)
+
+    def path_for(self, dataset: str) -> Path:
+        if (not isinstance(dataset, str) or not dataset or "/" in dataset
+                or "\\" in dataset or dataset.startswith(".")):
+            raise BenchError(f"dataset name {dataset!r} cannot name a results file; "
+                             "expected a plain name like 'cityscapes'")
+        return self.root / f"{dataset}.jsonl"
+
+    # ---- reading -------------------------------------------------------------------
+
+    def _files(self, dataset: str | None) -> list[Path]:
+        if dataset is not None:
+            p = self.path_for(dataset)
+            return [p] if p.is_file() else []
+        return sorted(self.root.glob("*.jsonl")) if self.root.is_dir() else []
+
+    def load_with_errors(self, dataset: str | None = None) -> tuple[list[dict], list[str]]:
+        """All good records, and one line "<file>:<line>: <why>" per bad line."""
+        records, problems = [], []
+        for path in self._files(dataset):
+            for n, line in enumerate(_lines(path.read_bytes()), start=1):
+                if not line.strip():
+                    continue
+                rec, why = _parse(line)
+                if why:
+                    problems.append(f"{path}:{n}: {why}")
+                else:
+                    records.append(rec)
+        return records, problems
+
+    def load(self, dataset: str | None = None) -> list[dict]:
+        """All records; any bad line is a BenchError naming its file and line."""
+        records, problems = self.load_with_errors(dataset)
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise BenchError(problems[0] + more)
+        return records
+
+    def exists(self, identity: str | dict) -> bool:
+        """Whether a record with this identity (string or record) is stored."""
+        if isinstance(identity, dict):
+            identity = record_identity(identity)
+        dataset = json.loads(identity).get("dataset")
+        records, _ = self.load_with_errors(dataset)
+        return any(record_identity(r) == identity for r in records)
+
+    # ---- writing -------------------------------------------------------------------
+
+    def append(self, record: dict, replace: bool = False) -> Path:
+        """Stores ``record`` in its dataset's file; returns that file's path."""
+        if _missing(record):
+            raise BenchError(f"result record lacks required field(s): "
+                             f"{', '.join(_missing(record))}")
+        if record["schema_version"] != SCHEMA_VERSION:
+            raise BenchError(f"result record has schema_version "
+                             f"{record['schema_version']!r}; expected {SCHEMA_VERSION}")
+        identity = record_identity(record)
+        path = self.path_for(record["dataset"])
+        new_line = json.dumps(record).encode("utf-8")  # fails before anything is touched
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            with self._lock():
+                old = path.read_bytes() if path.exists() else b""
+                kept = []
+                for line in _lines(old):
+                    rec, _ = _parse(line) if line.strip() else (None, None)
+                    if rec is not None and record_identity(rec) == identity:
+                        if not replace:
+                            raise BenchError(
+                                f"{path} already holds a result for {identity}; "
+                                "pass --replace to overwrite it")
+                        continue
+                    kept.append(line)  # bad lines too, verbatim: never lose stored data
+                self._write_atomic(path, b"".join(l + b"\n" for l in kept + [new_line]))
+        except OSError as e:
+            raise BenchError(f"cannot write results to folder {self.root}: "
+                             f"{e.strerror or e}") from e
+        return path
+
+    @contextlib.contextmanager
+    def _lock(self):
+        with open(self.root / LOCK_NAME, "a") as f:
+            if fcntl is not None:
+                fcntl.flock(f, fcntl.LOCK_EX)  # released when f is closed
+            yield
+
+    def _write_atomic(self, path: Path, data: bytes) -> None:
+        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        # Make the rename itself durable; not every platform lets us fsync a folder.
+        with contextlib.suppress(OSError):
+            dfd = os.open(self.root, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)

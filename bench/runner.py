@@ -1,0 +1,240 @@
+"""One row of the comparison, callable from Python: ``run(RunOptions(...))``.
+
+Obtains the checkpoints (training them if missing), evaluates the method at its
+operating points and the baseline in the same process, times both the same way, and
+appends one record per operating point to the results store. The CLI only parses
+options and calls ``run``/``train_checkpoint``.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import platform
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from bench import datasets
+from bench.errors import BenchError
+from bench.flops import FlopModel
+from bench.protocol import EvalSettings, evaluate, time_methods
+from bench.results import SCHEMA_VERSION, ResultsStore, record_identity
+from bench.train import TrainConfig, load_checkpoint, train
+from methods import METHODS, MethodSpec
+from methods.encoder import Policy
+from methods.segmenter import build_model
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class RunOptions:
+    method: str = "baseline"
+    dataset: str = "synthetic"
+    ops: Optional[list] = None  # knob dicts; None = the method's default sweep
+    model: Optional[str] = None  # model preset; None = the dataset's
+    decoder: Optional[str] = None
+    pretrained: bool = False
+    data_root: Optional[str] = None
+    checkpoints: str = "checkpoints"
+    results: str = "results"
+    device: str = "cpu"
+    threads: int = 2
+    batch_size: int = 8  # throughput is measured at batch 1 and at this batch size
+    seed: int = 0
+    steps: Optional[int] = None  # training budget; None = the dataset preset's
+    replace: bool = False
+    limit: Optional[int] = None  # evaluate on the first N validation images only
+    timing_images: int = 32
+    warmup: int = 2
+    repeats: int = 5
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+
+def get_method(name: str) -> MethodSpec:
+    if name not in METHODS:
+        raise BenchError(f"unknown method {name!r}; expected one of: {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def parse_op(method: MethodSpec, text: str) -> dict:
+    """'tau=0.2' or 'tau=0.1,0.2,0.3 layers=2,4' -> knob dict, typed by the method."""
+    knobs = {}
+    for part in text.replace(";", " ").split():
+        key, sep, value = part.partition("=")
+        if not sep or key not in method.knob_types:
+            known = ", ".join(method.knob_types) or "none"
+            raise BenchError(f"bad --op {text!r} for {method.name}: expected key=value with keys: {known}")
+        kind = method.knob_types[key]
+        try:
+            items = [kind(v) for v in value.split(",")]
+        except ValueError:
+            raise BenchError(f"bad --op {text!r}: {key} expects {kind.__name__} values, got {value!r}") from None
+        knobs[key] = items if len(items) > 1 or isinstance(method.default_ops[0].get(key), list) else items[0]
+    return knobs
+
+
+def environment(device: str, threads: int) -> dict:
+    def git(*args):
+        try:
+            return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
+        except OSError:
+            return ""
+
+    import fvcore  # noqa: F401  (version from metadata)
+    import timm
+    from importlib.metadata import version
+
+    name = torch.cuda.get_device_name(device) if device.startswith("cuda") else (platform.processor() or platform.machine())
+    return {
+        "device": device,
+        "device_name": name,
+        "dtype": "float32",
+        "threads": threads,
+        "versions": {"torch": torch.__version__, "timm": timm.__version__, "fvcore": version("fvcore"),
+                     "python": platform.python_version()},
+        "git_commit": git("rev-parse", "HEAD") or None,
+        "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def train_config(opts: RunOptions, spec: datasets.DatasetSpec, method: str = "baseline", **over) -> TrainConfig:
+    p = spec.preset
+    overrides = {"decoder": opts.decoder or p.decoder}
+    return TrainConfig(dataset=spec.name, num_classes=spec.num_classes, model=opts.model or p.model,
+                       model_overrides=overrides, method=method, pretrained=opts.pretrained,
+                       steps=opts.steps or p.steps, batch_size=p.batch_size, lr=p.lr,
+                       crop_size=p.crop_size, scale_range=p.scale_range, seed=opts.seed, **over)
+
+
+def checkpoint_path(opts: RunOptions, cfg: TrainConfig) -> Path:
+    return Path(opts.checkpoints) / cfg.dataset / f"{cfg.method}-{cfg.model}-{cfg.hash()}.pt"
+
+
+def new_model(cfg: TrainConfig):
+    try:
+        return build_model(cfg.num_classes, cfg.model, pretrained=cfg.pretrained, **cfg.model_overrides)
+    except (ValueError, RuntimeError) as e:
+        raise BenchError(str(e)) from None
+
+
+def train_checkpoint(opts: RunOptions, cfg: TrainConfig, model=None, **train_kwargs):
+    """The trained model for ``cfg``: loaded when its checkpoint is complete, trained
+    (or resumed) otherwise. Returns (model, checkpoint payload)."""
+    path = checkpoint_path(opts, cfg)
+    model = model if model is not None else new_model(cfg)
+    if path.exists():
+        payload = load_checkpoint(path)
+        if payload.get("done") and payload["config"].get("hash") == cfg.hash():
+            model.load_state_dict(payload["model"])
+            return model.eval(), payload
+    dataset = datasets.open_dataset(cfg.dataset, "train", opts.data_root)
+    payload = train(model, dataset, cfg, path, device=opts.device, progress=opts.progress, **train_kwargs)
+    return model.eval(), payload
+
+
+def _settings(spec: datasets.DatasetSpec, opts: RunOptions) -> EvalSettings:
+    p = spec.preset
+    return EvalSettings(p.eval_mode, p.window, p.stride, opts.batch_size, opts.device)
+
+
+def run(opts: RunOptions) -> list[dict]:
+    """Evaluate one method on one dataset at its operating points; returns the records."""
+    method = get_method(opts.method)
+    spec = datasets.get_spec(opts.dataset)
+    if opts.threads < 1 or opts.batch_size < 1:
+        raise BenchError("--threads and --batch-size must be at least 1")
+    torch.set_num_threads(opts.threads)
+    torch.manual_seed(opts.seed)
+    store = ResultsStore(opts.results)
+    ops = opts.ops if opts.ops is not None else method.default_ops
+    val = datasets.open_dataset(opts.dataset, spec.preset.val_split, opts.data_root)
+
+    base_cfg = train_config(opts, spec)
+    base_model, base_payload = train_checkpoint(opts, base_cfg)
+    if method.fine_tune is not None:
+        model, payload = method.fine_tune(opts, spec, base_cfg, base_payload)
+    else:
+        model, payload = base_model, base_payload
+    policies = []
+    for knobs in ops:
+        try:
+            policies.append((knobs, method.make_policy(model, **knobs), method.input_scale(knobs)))
+        except (TypeError, ValueError) as e:
+            raise BenchError(f"bad operating point {knobs} for {method.name}: {e}") from None
+    checkpoint = payload.get("weights")
+    done = [k for k, _, _ in policies
+            if store.exists(_identity(method.name, k, spec, checkpoint)) and not opts.replace]
+    if done:
+        raise BenchError(f"{opts.results} already holds {method.name} results for {done[0]} with this checkpoint; "
+                         "pass --replace to measure them again")
+
+    model.to(opts.device).eval()
+    base_model.to(opts.device).eval()
+    settings = _settings(spec, opts)
+    n_images = len(val) if opts.limit is None else min(opts.limit, len(val))
+    common = dict(num_classes=spec.num_classes, limit=opts.limit, progress=opts.progress)
+
+    base_policy = Policy()
+    base_eval = evaluate(base_model, base_policy, val, settings, FlopModel(base_model, base_policy), **common)
+    evals = [evaluate(model, policy, val, settings, FlopModel(model, policy), scale=scale, **common)
+             for _, policy, scale in policies]
+
+    timing = torch.stack([val[i][0] for i in range(min(opts.timing_images, len(val)))])
+    runs = {"baseline": (base_model, base_policy, 1.0)}
+    runs.update({f"op{i}": (model, policy, scale) for i, (_, policy, scale) in enumerate(policies)})
+    speeds = {}
+    for bs in sorted({1, opts.batch_size}):
+        speeds[bs] = time_methods(runs, timing, settings, batch_size=bs, warmup=opts.warmup, repeats=opts.repeats)
+
+    env = environment(opts.device, opts.threads)
+    records = []
+    for i, ((knobs, policy, scale), result) in enumerate(zip(policies, evals)):
+        speed = {}
+        for bs, timed in speeds.items():
+            entry = dict(timed[f"op{i}"])
+            entry["speedup"] = entry["throughput"] / timed["baseline"]["throughput"]
+            entry["baseline_throughput"] = timed["baseline"]["throughput"]
+            speed[str(bs)] = entry
+        record = {
+            "schema_version": SCHEMA_VERSION,
+            "method": method.name,
+            "knobs": knobs,
+            "dataset": spec.name,
+            "split": spec.preset.val_split,
+            "checkpoint": checkpoint,
+            "baseline_checkpoint": base_payload.get("weights"),
+            "model": base_cfg.model,
+            "decoder": base_cfg.model_overrides["decoder"],
+            "miou": result["miou"],
+            "miou_delta": result["miou"] - base_eval["miou"],
+            "baseline_miou": base_eval["miou"],
+            "per_class_iou": dict(zip(spec.classes, result["per_class_iou"])),
+            "gflops": result["gflops"],
+            "gflops_ratio": result["gflops"]["mean"] / base_eval["gflops"]["mean"],
+            "baseline_gflops": base_eval["gflops"]["mean"],
+            "flops_unit": "GFLOPs (fvcore, MAC)",
+            "tokens_per_block": result["tokens_per_block"],
+            "speed": speed,
+            "batch_sizes": sorted(speeds),
+            "images": n_images,
+            "timing_images": len(timing),
+            "eval": {"mode": settings.mode, "window": settings.window, "stride": settings.stride,
+                     "scale": scale},
+            "seed": opts.seed,
+            "train": {"steps": base_cfg.steps, "config_hash": payload["config"].get("hash")},
+            **env,
+        }
+        records.append(record)
+    for record in records:
+        store.append(record, replace=opts.replace)
+    return records
+
+
+def _identity(method: str, knobs: dict, spec, checkpoint) -> str:
+    return record_identity({"method": method, "knobs": knobs, "dataset": spec.name,
+                            "split": spec.preset.val_split, "checkpoint": checkpoint})

@@ -1,0 +1,146 @@
+"""The encoder loop every method plugs into.
+
+A method is a *policy*: after each block it may take tokens out of the active set
+(pause, exit) or merge them, and it may replace how a block is run (ToMe merges inside
+the block). The loop keeps, for every image, where each grid position's token lives:
+in the active set (``source[b, p]`` = row of ``x``) or parked with the state it had when
+it left (``source[b, p] == -1``). ``TokenState.to_grid`` puts every token back on its
+grid position before the decoder. The baseline is ``Policy`` itself: it does nothing.
+
+Images of one batch may keep different numbers of tokens. Active rows are then padded
+to the batch maximum and ``valid`` marks the real ones; blocks see a key-padding mask,
+so a padded row is never attended to. A batch where every image keeps the same number
+of tokens (always the case at batch 1) runs with no mask: exactly the baseline's path.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class ComputeTrace:
+    """What one forward computed, per image, in units a FLOP model can price.
+
+    ``tokens`` is (B, depth): how many tokens each block processed for each image.
+    ``items`` lists (component key, per-image token counts) for every priced component
+    that ran: the loop adds one ("block", counts) per block; a method adds its own
+    (heads, matching). ``bench.flops`` prices each key at each count once and caches it.
+    """
+
+    tokens: Tensor
+    items: list[tuple[tuple, Tensor]] = field(default_factory=list)
+
+    def add(self, key: tuple, counts: Tensor) -> None:
+        self.items.append((key, counts.detach().to("cpu", torch.long)))
+
+
+class TokenState:
+    """Active tokens of a batch plus the map back to the full token grid."""
+
+    def __init__(self, tokens: Tensor, grid: tuple[int, int], depth: int):
+        B, N, _ = tokens.shape
+        self.x = tokens
+        self.grid = grid
+        self.source = torch.arange(N, device=tokens.device).expand(B, N).clone()
+        self.valid: Optional[Tensor] = None  # (B, n) bool; None: every row is real
+        self.size: Optional[Tensor] = None  # (B, n) tokens merged into each row (ToMe)
+        self.parked: Optional[Tensor] = None  # (B, N, D) states of tokens that left
+        self.left_at = torch.full((B, N), depth, dtype=torch.long, device=tokens.device)
+        self.trace = ComputeTrace(torch.zeros(B, depth, dtype=torch.long))
+
+    @property
+    def batch_size(self) -> int:
+        return self.x.shape[0]
+
+    def counts(self) -> Tensor:
+        """Real active tokens per image, (B,)."""
+        if self.valid is None:
+            return torch.full((self.batch_size,), self.x.shape[1], dtype=torch.long)
+        return self.valid.sum(1).cpu()
+
+    def key_mask(self) -> Optional[Tensor]:
+        """Boolean attention mask (B, 1, 1, n) that hides padded rows, or None."""
+        return None if self.valid is None else self.valid[:, None, None, :]
+
+    def keep(self, keep: Tensor, layer: int) -> None:
+        """Keep rows where ``keep`` (B, n) is True; park the others' tokens as they are.
+
+        Grid positions whose row leaves get ``left_at = layer``. Kept rows stay in order.
+        """
+        B, n, D = self.x.shape
+        if self.valid is not None:
+            keep = keep & self.valid
+        gone = ~keep.gather(1, self.source.clamp(min=0)) & (self.source >= 0)
+        if gone.any():
+            at_grid = self.x.gather(1, self.source.clamp(min=0)[..., None].expand(B, -1, D))
+            parked = torch.zeros_like(at_grid) if self.parked is None else self.parked
+            self.parked = torch.where(gone[..., None], at_grid, parked)
+            self.left_at[gone] = layer
+        kept = keep.sum(1)
+        n_new = int(kept.max()) if B else 0
+        order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :n_new]
+        self.x = self.x.gather(1, order[..., None].expand(-1, -1, D))
+        if self.size is not None:
+            self.size = self.size.gather(1, order)
+        rows = torch.arange(n_new, device=self.x.device).expand(B, n_new)
+        self.valid = None if bool((kept == n_new).all()) else rows < kept[:, None]
+        # old row -> new row (or -1), then re-point every grid position
+        new_row = torch.full((B, n), -1, dtype=torch.long, device=self.x.device)
+        new_row.scatter_(1, order, torch.where(rows < kept[:, None], rows, -1))
+        self.source = torch.where(self.source >= 0, new_row.gather(1, self.source.clamp(min=0)), -1)
+
+    def to_grid(self) -> Tensor:
+        """Every token back at its grid position: (B, N, D)."""
+        B, N = self.source.shape
+        D = self.x.shape[-1]
+        if self.x.shape[1] == 0:
+            return self.parked
+        active = self.x.gather(1, self.source.clamp(min=0)[..., None].expand(B, N, D))
+        if self.parked is None:
+            return active
+        return torch.where((self.source >= 0)[..., None], active, self.parked)
+
+
+class Policy:
+    """The full model: every block processes every token. Methods override the hooks."""
+
+    name = "baseline"
+
+    def start(self, model, state: TokenState) -> None:
+        """Called once after the patch embedding, before block 0."""
+
+    def run_block(self, index: int, block, state: TokenState) -> None:
+        state.x = block(state.x, attn_mask=state.key_mask())
+        state.trace.add(("block",), state.counts())
+
+    def after_block(self, index: int, block, state: TokenState) -> None:
+        """Called after block ``index``: select, pause, merge or exit tokens here."""
+
+    def finish(self, logits: Tensor, state: TokenState) -> Tensor:
+        """Last word on the decoder's logits (early exit overrides exited pixels)."""
+        return logits
+
+    def cost_probe(self, model, key: tuple, n: int):
+        """(callable, inputs) whose fvcore count is the cost of ``key`` at ``n`` tokens."""
+        raise KeyError(f"{type(self).__name__} has no cost probe for {key}")
+
+    def describe(self) -> dict:
+        """The policy's knobs, as stored in result records."""
+        return {}
+
+
+def run_encoder(blocks, tokens: Tensor, grid: tuple[int, int], policy: Policy, model=None) -> TokenState:
+    """Run ``blocks`` over ``tokens`` under ``policy``; returns the final state."""
+    state = TokenState(tokens, grid, depth=len(blocks))
+    policy.start(model, state)
+    for i, block in enumerate(blocks):
+        counts = state.counts()
+        state.trace.tokens[:, i] = counts
+        if counts.max() > 0:
+            policy.run_block(i, block, state)
+        policy.after_block(i, block, state)
+    return state

@@ -1,0 +1,229 @@
+"""Segmenter (Strudel et al., ICCV 2021) on timm's ViT blocks.
+
+The network is split where methods plug in: ``embed`` (patch embedding + position
+embedding resized to the input), the encoder loop (``methods.encoder.run_encoder``),
+and ``decode`` (final norm + linear or mask-transformer decoder, upsampled to pixels).
+
+One deliberate difference from Segmenter: there is no class token. Segmenter carries
+ViT's class token through the encoder and drops it before the decoder; every adaptive
+method would have to special-case a token that has no grid position, for 1 token in
+hundreds. ImageNet weights load with the class token's embedding unused.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, replace
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from timm.layers import PatchEmbed, resample_abs_pos_embed, trunc_normal_
+from timm.models.vision_transformer import Block
+from torch import Tensor, nn
+
+from methods.encoder import Policy, TokenState, run_encoder
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    patch_size: int = 8
+    embed_dim: int = 192
+    depth: int = 6
+    num_heads: int = 3
+    mlp_ratio: float = 4.0
+    decoder: str = "linear"  # "linear" or "mask"
+    decoder_layers: int = 2  # mask decoder only
+    img_size: int = 128  # position embeddings are learnt on this grid, resized otherwise
+    drop_path: float = 0.1
+    timm_name: Optional[str] = None  # where ImageNet weights come from (--pretrained)
+
+
+# Presets are data. `tiny` is our CPU model for `synthetic` (see README: 6 blocks of
+# ViT-Ti width on 8x8 patches trains to a useful mIoU in ~15 min on 2 cores). The vit_*
+# shapes are Segmenter's (patch 16, mask decoder with 2 layers).
+PRESETS: dict[str, ModelConfig] = {
+    "tiny": ModelConfig(),
+    "vit_tiny": ModelConfig(16, 192, 12, 3, decoder="mask", img_size=512,
+                            timm_name="vit_tiny_patch16_384.augreg_in21k_ft_in1k"),
+    "vit_small": ModelConfig(16, 384, 12, 6, decoder="mask", img_size=512,
+                             timm_name="vit_small_patch16_384.augreg_in21k_ft_in1k"),
+    "vit_base": ModelConfig(16, 768, 12, 12, decoder="mask", img_size=512,
+                            timm_name="vit_base_patch16_384.augreg_in21k_ft_in1k"),
+}
+
+
+def model_config(preset: str, **overrides) -> ModelConfig:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown model preset {preset!r}; expected one of {', '.join(PRESETS)}")
+    return replace(PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None})
+
+
+class LinearDecoder(nn.Module):
+    """Per-patch linear classifier."""
+
+    def __init__(self, dim: int, num_classes: int):
+        super().__init__()
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, N, D) -> (B, N, C)
+        return self.head(x)
+
+
+class MaskTransformer(nn.Module):
+    """Segmenter's mask transformer: class embeddings decoded jointly with the patches;
+    masks are scalar products of L2-normalised patch and class features."""
+
+    def __init__(self, dim: int, num_classes: int, layers: int, drop_path: float = 0.0):
+        super().__init__()
+        d_model = dim
+        self.num_classes = num_classes
+        self.proj_dec = nn.Linear(dim, d_model)
+        self.cls_emb = nn.Parameter(torch.zeros(1, num_classes, d_model))
+        heads = max(1, d_model // 64)
+        self.blocks = nn.ModuleList(
+            Block(d_model, heads, 4.0, qkv_bias=True, drop_path=drop_path * i / max(layers - 1, 1))
+            for i in range(layers)
+        )
+        scale = d_model**-0.5
+        self.proj_patch = nn.Parameter(scale * torch.randn(d_model, d_model))
+        self.proj_classes = nn.Parameter(scale * torch.randn(d_model, d_model))
+        self.decoder_norm = nn.LayerNorm(d_model)
+        self.mask_norm = nn.LayerNorm(num_classes)
+        trunc_normal_(self.cls_emb, std=0.02)
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, N, D) -> (B, N, C)
+        x = self.proj_dec(x)
+        x = torch.cat([x, self.cls_emb.expand(x.shape[0], -1, -1)], dim=1)
+        for block in self.blocks:
+            x = block(x)
+        x = self.decoder_norm(x)
+        patches, classes = x[:, : -self.num_classes], x[:, -self.num_classes :]
+        patches = F.normalize(patches @ self.proj_patch, dim=-1)
+        classes = F.normalize(classes @ self.proj_classes, dim=-1)
+        return self.mask_norm(patches @ classes.transpose(1, 2))
+
+
+class Segmenter(nn.Module):
+    def __init__(self, num_classes: int, config: ModelConfig = ModelConfig()):
+        super().__init__()
+        c = config
+        if c.img_size % c.patch_size:
+            raise ValueError(f"img_size {c.img_size} is not a multiple of patch_size {c.patch_size}")
+        self.config = c
+        self.num_classes = num_classes
+        self.patch_size = c.patch_size
+        self.patch_embed = PatchEmbed(c.img_size, c.patch_size, 3, c.embed_dim, flatten=False,
+                                      output_fmt="NHWC", strict_img_size=False)
+        self.base_grid = (c.img_size // c.patch_size,) * 2
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.base_grid[0] * self.base_grid[1], c.embed_dim))
+        self.blocks = nn.ModuleList(
+            Block(c.embed_dim, c.num_heads, c.mlp_ratio, qkv_bias=True,
+                  drop_path=c.drop_path * i / max(c.depth - 1, 1))
+            for i in range(c.depth)
+        )
+        self.norm = nn.LayerNorm(c.embed_dim)
+        if c.decoder == "linear":
+            self.decoder = LinearDecoder(c.embed_dim, num_classes)
+        elif c.decoder == "mask":
+            self.decoder = MaskTransformer(c.embed_dim, num_classes, c.decoder_layers)
+        else:
+            raise ValueError(f"unknown decoder {c.decoder!r}; expected 'linear' or 'mask'")
+        trunc_normal_(self.pos_embed, std=0.02)
+        self.apply(_init_weights)
+
+    @property
+    def depth(self) -> int:
+        return len(self.blocks)
+
+    def grid_size(self, height: int, width: int) -> tuple[int, int]:
+        return height // self.patch_size, width // self.patch_size
+
+    def embed(self, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        """Images (B, 3, H, W), H and W multiples of the patch size -> tokens (B, N, D)."""
+        x = self.patch_embed(images)
+        B, gh, gw, D = x.shape
+        pos = self.pos_embed
+        if (gh, gw) != self.base_grid:
+            pos = resample_abs_pos_embed(pos, [gh, gw], list(self.base_grid), num_prefix_tokens=0)
+        return x.reshape(B, gh * gw, D) + pos, (gh, gw)
+
+    def decode(self, tokens: Tensor, grid: tuple[int, int], out_size: tuple[int, int]) -> Tensor:
+        """Full token grid (B, N, D) -> logits (B, C, H, W)."""
+        logits = self.decoder(self.norm(tokens))
+        B = logits.shape[0]
+        logits = logits.transpose(1, 2).reshape(B, self.num_classes, *grid)
+        return F.interpolate(logits, size=out_size, mode="bilinear", align_corners=False)
+
+    def forward_state(self, images: Tensor, policy: Optional[Policy] = None) -> tuple[Tensor, TokenState]:
+        """Logits and the encoder's final state (compute trace, where tokens left)."""
+        policy = policy or Policy()
+        tokens, grid = self.embed(images)
+        state = run_encoder(self.blocks, tokens, grid, policy, model=self)
+        logits = self.decode(state.to_grid(), grid, images.shape[-2:])
+        return policy.finish(logits, state), state
+
+    def forward(self, images: Tensor, policy: Optional[Policy] = None) -> Tensor:
+        return self.forward_state(images, policy)[0]
+
+
+def _init_weights(m: nn.Module) -> None:
+    if isinstance(m, nn.Linear):
+        trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
+def build_model(num_classes: int, preset: str = "tiny", pretrained: bool = False, **overrides) -> Segmenter:
+    config = model_config(preset, **overrides)
+    model = Segmenter(num_classes, config)
+    if pretrained:
+        load_imagenet_weights(model)
+    return model
+
+
+def load_imagenet_weights(model: Segmenter) -> None:
+    """Fetch timm's ImageNet weights for the preset and copy them into the encoder."""
+    name = model.config.timm_name
+    if name is None:
+        raise ValueError("this model preset has no ImageNet weights; use vit_tiny, vit_small or vit_base")
+    import timm
+
+    try:
+        source = timm.create_model(name, pretrained=True)
+    except Exception as e:  # network, hub or cache problems all end here
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RuntimeError(f"could not load ImageNet weights {name!r} through timm ({first}); "
+                           "check the network or the Hugging Face cache, or run without --pretrained") from None
+    copy_timm_encoder(model, source)
+
+
+def copy_timm_encoder(model: Segmenter, vit: nn.Module) -> None:
+    """Copy a timm VisionTransformer's patch embedding, blocks and norm into ``model``.
+    The class token is dropped; position embeddings are resized to the model's grid."""
+    state = vit.state_dict()
+    prefix = getattr(vit, "num_prefix_tokens", 1)
+    pos = state["pos_embed"]
+    old = int(math.sqrt(pos.shape[1] - prefix))
+    ours = {
+        "pos_embed": resample_abs_pos_embed(pos, list(model.base_grid), [old, old], num_prefix_tokens=prefix)[:, prefix:],
+        "norm.weight": state["norm.weight"],
+        "norm.bias": state["norm.bias"],
+    }
+    for k, v in state.items():
+        if k.startswith(("patch_embed.", "blocks.")):
+            ours[k] = v
+    missing = [k for k in ours if k not in model.state_dict()]
+    if missing:
+        raise ValueError(f"timm weights do not fit this preset (unexpected {missing[:3]})")
+    for k, v in ours.items():
+        if model.state_dict()[k].shape != v.shape:
+            raise ValueError(f"timm weights do not fit this preset: {k} is {tuple(v.shape)}, "
+                             f"model expects {tuple(model.state_dict()[k].shape)}")
+    model.load_state_dict(ours, strict=False)
+
+
+def config_dict(config: ModelConfig) -> dict:
+    return asdict(config)

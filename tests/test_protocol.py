@@ -1,0 +1,74 @@
+import torch
+from torch import nn
+
+from bench.protocol import EvalSettings, evaluate, predict, time_methods, window_starts
+from methods.encoder import Policy, TokenState
+
+
+class PixelModel(nn.Module):
+    """A pixel-local 'segmenter' (1x1 conv): its prediction cannot depend on context, so
+    any correct window stitching must reproduce the whole-image prediction."""
+
+    patch_size = 1
+    num_classes = 4
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+
+    def forward_state(self, x, policy):
+        B, _, H, W = x.shape
+        state = TokenState(x.new_zeros(B, H * W, 1), (H, W), depth=1)
+        state.trace.tokens[:] = H * W
+        return self.conv(x), state
+
+
+def test_window_starts_cover_the_image_and_end_at_the_border():
+    assert window_starts(1024, 768, 512) == [0, 256]
+    assert window_starts(2048, 768, 512) == [0, 512, 1024, 1280]
+    assert window_starts(500, 768, 512) == [0]
+
+
+def test_tiling_windows_equal_whole_image():
+    model = PixelModel().eval()
+    images = torch.randint(0, 256, (2, 3, 64, 96), dtype=torch.uint8)
+    whole = predict(model, Policy(), images, EvalSettings("whole"))
+    for window, stride in [(32, 32), (48, 16), (40, 24)]:
+        slid = predict(model, Policy(), images, EvalSettings("slide", window, stride, batch_size=3))
+        assert torch.allclose(slid.logits, whole.logits, atol=1e-5), (window, stride)
+
+
+def test_segmenter_windows_equal_whole_when_one_window_is_the_image(small_model):
+    images = torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8)
+    with torch.inference_mode():
+        whole = predict(small_model, Policy(), images, EvalSettings("whole"))
+        slid = predict(small_model, Policy(), images, EvalSettings("slide", 32, 16))
+    assert torch.allclose(slid.logits, whole.logits, atol=1e-5)
+
+
+def test_scaled_input_comes_back_at_label_resolution(small_model):
+    images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    with torch.inference_mode():
+        pred = predict(small_model, Policy(), images, EvalSettings("whole"), scale=0.5)
+    assert pred.logits.shape == (2, 5, 64, 64)
+    assert pred.tokens.tolist() == [[16] * 4] * 2  # 32x32 input, 8x8 patches
+
+
+def test_evaluate_reports_miou_flops_and_tokens(small_model, toy_dataset):
+    from bench.flops import FlopModel
+
+    policy = Policy()
+    out = evaluate(small_model, policy, toy_dataset, EvalSettings("whole", batch_size=4),
+                   FlopModel(small_model, policy), num_classes=5, limit=6)
+    assert out["images"] == 6
+    assert 0.0 <= out["miou"] <= 1.0
+    assert out["tokens_per_block"] == [1.0] * 4
+    assert out["gflops"]["min"] == out["gflops"]["max"] > 0  # a static model: same cost per image
+
+
+def test_time_methods_measures_every_run(small_model):
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    runs = {"a": (small_model, Policy(), 1.0), "b": (small_model, Policy(), 0.5)}
+    out = time_methods(runs, images, EvalSettings("whole"), batch_size=1, warmup=0, repeats=2)
+    assert set(out) == {"a", "b"}
+    assert out["a"]["throughput"] > 0 and out["a"]["latency_ms"]["p90"] >= out["a"]["latency_ms"]["p50"]

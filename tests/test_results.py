@@ -1,0 +1,122 @@
+import json
+import os
+
+import pytest
+
+from bench.errors import BenchError
+from bench.results import ResultsStore, record_identity
+
+
+def rec(**over):
+    r = {"schema_version": 1, "method": "paumer", "knobs": {"tau": 0.2, "layers": [4, 8]},
+         "dataset": "synthetic", "split": "val", "checkpoint": "abc123", "batch_size": 8,
+         "miou": 0.61, "per_class_iou": [0.7, float("nan")]}
+    r.update(over)
+    return r
+
+
+def temp_files(root):
+    return [p.name for p in root.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_round_trip(tmp_path):
+    store = ResultsStore(tmp_path / "results")
+    assert store.load() == []
+    path = store.append(rec())
+    store.append(rec(knobs={"tau": 0.3, "layers": [4, 8]}))
+    store.append(rec(dataset="cityscapes"))
+    assert path == tmp_path / "results" / "synthetic.jsonl"
+    assert [r["knobs"]["tau"] for r in store.load("synthetic")] == [0.2, 0.3]
+    assert len(store.load()) == 3
+    assert store.load("cityscapes")[0]["miou"] == 0.61
+    assert store.exists(record_identity(rec())) and store.exists(rec(dataset="cityscapes"))
+    assert not store.exists(rec(knobs={"tau": 1}))
+
+
+def test_identity_is_canonical():
+    a = rec(knobs={"tau": 0.2, "layers": [4, 8]})
+    b = {k: a[k] for k in reversed(list(a))} | {"knobs": {"layers": [4, 8], "tau": 0.2}}
+    assert record_identity(a) == record_identity(b)
+    assert record_identity(a) != record_identity(rec(checkpoint="other"))
+    assert "miou" not in json.loads(record_identity(a))
+
+
+def test_identity_conflict_without_and_with_replace(tmp_path):
+    store = ResultsStore(tmp_path)
+    store.append(rec(miou=0.5))
+    with pytest.raises(BenchError, match="--replace"):
+        store.append(rec(miou=0.6))
+    assert [r["miou"] for r in store.load()] == [0.5]
+    store.append(rec(miou=0.6), replace=True)
+    assert [r["miou"] for r in store.load()] == [0.6]
+
+
+@pytest.mark.parametrize("crash_at", ["os.replace", "os.fsync"])
+def test_crash_mid_write_leaves_old_file_intact(tmp_path, monkeypatch, crash_at):
+    store = ResultsStore(tmp_path)
+    path = store.append(rec())
+    before = path.read_bytes()
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt("simulated crash")
+    monkeypatch.setattr(crash_at, crash)
+    with pytest.raises(KeyboardInterrupt):
+        store.append(rec(knobs={"tau": 1}))
+    monkeypatch.undo()
+    assert path.read_bytes() == before
+    assert temp_files(tmp_path) == []
+    assert len(store.load()) == 1
+
+
+def test_corrupt_line_reported_others_kept_and_preserved(tmp_path):
+    store = ResultsStore(tmp_path)
+    path = store.append(rec())
+    with open(path, "ab") as f:
+        f.write(b'{"schema_version": 1, "method": "tome", "kno\n')  # torn write
+        f.write(json.dumps({"schema_version": 1, "method": "tome"}).encode() + b"\n")
+    store.append(rec(knobs={"tau": 1}))
+    records, problems = store.load_with_errors()
+    assert [r["knobs"] for r in records] == [{"tau": 0.2, "layers": [4, 8]}, {"tau": 1}]
+    assert len(problems) == 2
+    assert problems[0].startswith(f"{path}:2: not valid JSON (")
+    assert problems[1].startswith(f"{path}:3: missing required field(s): knobs")
+    assert all("\n" not in p for p in problems)
+    # the rewrite kept the bad lines verbatim
+    assert b'"method": "tome", "kno\n' in path.read_bytes()
+    with pytest.raises(BenchError, match=rf"{path.name}:2: .*\(and 1 more\)"):
+        store.load()
+
+
+def test_concurrent_appends_lose_nothing(tmp_path):
+    pids = []
+    for i in range(4):
+        pid = os.fork()
+        if pid == 0:  # child: append its own records, then leave without pytest teardown
+            try:
+                for j in range(10):
+                    ResultsStore(tmp_path).append(rec(knobs={"tau": 100 * i + j}))
+            finally:
+                os._exit(0)
+        pids.append(pid)
+    for pid in pids:
+        os.waitpid(pid, 0)
+    assert len(ResultsStore(tmp_path).load()) == 40
+
+
+def test_unwritable_folder_is_a_bench_error(tmp_path):
+    # Tests may run as root, which ignores permission bits: use a path under a file.
+    (tmp_path / "afile").write_text("not a folder")
+    root = tmp_path / "afile" / "results"
+    with pytest.raises(BenchError, match=str(root)):
+        ResultsStore(root).append(rec())
+
+
+def test_bad_records_are_refused(tmp_path):
+    store = ResultsStore(tmp_path)
+    with pytest.raises(BenchError, match="checkpoint"):
+        store.append({k: v for k, v in rec().items() if k != "checkpoint"})
+    with pytest.raises(BenchError, match="schema_version"):
+        store.append(rec(schema_version=2))
+    with pytest.raises(BenchError, match="dataset name"):
+        store.append(rec(dataset="../escape"))
+    assert list(tmp_path.iterdir()) == []

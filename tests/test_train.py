@@ -1,0 +1,76 @@
+import pytest
+import torch
+
+from bench.errors import BenchError
+from bench.train import TrainConfig, augment, learning_rate, load_checkpoint, train
+from methods.segmenter import build_model
+
+
+def config(**over):
+    base = dict(dataset="toy", num_classes=5, steps=6, batch_size=4, lr=1e-3, warmup_steps=2,
+                crop_size=32, model_overrides={"depth": 2, "embed_dim": 32, "num_heads": 2, "img_size": 32})
+    base.update(over)
+    return TrainConfig(**base)
+
+
+def fresh_model(cfg):
+    torch.manual_seed(123)
+    return build_model(cfg.num_classes, cfg.model, **cfg.model_overrides)
+
+
+def test_interrupted_then_resumed_training_equals_uninterrupted(tmp_path, toy_dataset):
+    cfg = config()
+    straight = fresh_model(cfg)
+    train(straight, toy_dataset, cfg, tmp_path / "a.pt", progress=False, checkpoint_every=2)
+
+    resumed = fresh_model(cfg)
+    train(resumed, toy_dataset, cfg, tmp_path / "b.pt", progress=False, checkpoint_every=2, stop_after=3)
+    assert load_checkpoint(tmp_path / "b.pt")["step"] == 3
+    again = fresh_model(cfg)  # a new process: only the checkpoint carries over
+    payload = train(again, toy_dataset, cfg, tmp_path / "b.pt", progress=False, checkpoint_every=2)
+    assert payload["step"] == cfg.steps and payload["done"]
+    for (k, a), (_, b) in zip(straight.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), k
+
+
+def test_training_lowers_the_loss(tmp_path, toy_dataset):
+    cfg = config(steps=30, lr=3e-3)
+    model = fresh_model(cfg)
+    losses = []
+
+    def loss_fn(m, images, labels):
+        loss = torch.nn.functional.cross_entropy(m(images), labels, ignore_index=255)
+        losses.append(loss.item())
+        return loss
+
+    train(model, toy_dataset, cfg, tmp_path / "c.pt", progress=False, loss_fn=loss_fn)
+    assert sum(losses[-5:]) < sum(losses[:5])
+
+
+def test_corrupt_checkpoint_is_a_one_line_error(tmp_path, toy_dataset):
+    path = tmp_path / "bad.pt"
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(BenchError, match="not a readable bench checkpoint"):
+        train(fresh_model(config()), toy_dataset, config(), path, progress=False)
+    assert path.read_bytes() == b"not a checkpoint"  # left for the user to inspect
+
+
+def test_learning_rate_warms_up_then_decays():
+    cfg = config(steps=100, warmup_steps=10, lr=1.0)
+    lrs = [learning_rate(cfg, s) for s in range(100)]
+    assert lrs[0] < lrs[9] == 1.0
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+
+
+def test_augment_keeps_image_and_label_aligned():
+    """Crop, pad and flip move image and label together (scale fixed at 1 so bilinear
+    resampling cannot blur the check)."""
+    g = torch.Generator().manual_seed(0)
+    label = torch.arange(24 * 40).reshape(24, 40) % 5
+    image = (label * 50).to(torch.uint8).expand(3, 24, 40).clone()
+    for _ in range(5):
+        img, lab = augment(image, label, 32, (1.0, 1.0), g)
+        assert img.shape == (3, 32, 32) and lab.shape == (32, 32)
+        real = lab != 255
+        assert real.sum() == 24 * 32  # rows below the image are padding, ignored
+        assert torch.equal(img[0][real].long(), lab[real] * 50)
