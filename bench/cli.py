@@ -80,8 +80,8 @@ def _knobs(knobs: dict) -> str:
 @common_options
 def train(method, **kw):
     """Train a checkpoint (resumes if interrupted; reuses it if complete)."""
-    from bench.runner import get_method, train_checkpoint, train_config
     from bench import datasets
+    from bench.runner import fine_tune, get_method, train_checkpoint, train_config
 
     spec = datasets.get_spec(kw["dataset"])
     m = get_method(method)
@@ -89,7 +89,7 @@ def train(method, **kw):
     base_cfg = train_config(opts, spec)
     model, payload = train_checkpoint(opts, base_cfg)
     if m.fine_tune is not None:
-        model, payload = m.fine_tune(opts, spec, base_cfg, payload)
+        model, payload = fine_tune(opts, m, spec, base_cfg, model, payload)
     elif method != "baseline":
         raise BenchError(f"{method} uses the baseline's weights; there is nothing of its own to train")
     click.echo(f"checkpoint ready: {payload['config']['method']} weights {payload['weights']} "

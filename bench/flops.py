@@ -34,6 +34,12 @@ def sdpa_flop(inputs, outputs) -> int:
     return batch * q[-2] * k[-2] * (q[-1] + v[-1])
 
 
+def elementwise_flop(inputs, outputs) -> int:
+    """One flop per output element: used for log-softmax, so that the entropy a method
+    computes to decide (PAUMER) is priced at C flops per token rather than zero."""
+    return math.prod(get_shape(outputs[0]))
+
+
 class _Fn(nn.Module):
     """fvcore traces modules only; this lets it trace any callable. ``owner`` is held as
     a submodule so the tracer sees its weights as parameters, not grad-requiring constants."""
@@ -76,6 +82,7 @@ def count_flops(fn: Union[nn.Module, Callable], inputs: tuple, attention: bool =
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         analysis = (FlopCountAnalysis(module, inputs)
                     .set_op_handle("aten::scaled_dot_product_attention", sdpa_flop if attention else None)
+                    .set_op_handle("aten::log_softmax", elementwise_flop)
                     .unsupported_ops_warnings(False)
                     .uncalled_modules_warnings(False)
                     .tracer_warnings("none"))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime as _dt
 import platform
 import subprocess
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
@@ -69,11 +69,13 @@ def parse_op(method: MethodSpec, text: str) -> dict:
             known = ", ".join(method.knob_types) or "none"
             raise BenchError(f"bad --op {text!r} for {method.name}: expected key=value with keys: {known}")
         kind = method.knob_types[key]
+        as_list = isinstance(kind, list)
+        kind = kind[0] if as_list else kind
         try:
             items = [kind(v) for v in value.split(",")]
         except ValueError:
             raise BenchError(f"bad --op {text!r}: {key} expects {kind.__name__} values, got {value!r}") from None
-        knobs[key] = items if len(items) > 1 or isinstance(method.default_ops[0].get(key), list) else items[0]
+        knobs[key] = items if as_list or len(items) > 1 else items[0]
     return knobs
 
 
@@ -137,6 +139,20 @@ def train_checkpoint(opts: RunOptions, cfg: TrainConfig, model=None, **train_kwa
     return model.eval(), payload
 
 
+def fine_tune(opts: RunOptions, method: MethodSpec, spec: datasets.DatasetSpec, base_cfg: TrainConfig,
+              base_model, base_payload: dict):
+    """The method's fine-tuned model, trained from the baseline weights if missing."""
+    ft = method.fine_tune
+    cfg = replace(base_cfg, method=method.name, method_knobs=dict(ft.knobs), init_from=base_payload["weights"],
+                  steps=max(1, round(base_cfg.steps * ft.steps_fraction)), lr=base_cfg.lr * ft.lr_factor,
+                  warmup_steps=min(base_cfg.warmup_steps, 50))
+    segmenter = new_model(base_cfg)
+    segmenter.load_state_dict(base_model.state_dict())
+    trainable = ft.build(segmenter, **ft.knobs)
+    loss = lambda m, images, labels: ft.loss(m, images, labels, **ft.knobs)  # noqa: E731
+    return train_checkpoint(opts, cfg, model=trainable, loss_fn=loss)
+
+
 def _settings(spec: datasets.DatasetSpec, opts: RunOptions) -> EvalSettings:
     p = spec.preset
     return EvalSettings(p.eval_mode, p.window, p.stride, opts.batch_size, opts.device)
@@ -157,13 +173,14 @@ def run(opts: RunOptions) -> list[dict]:
     base_cfg = train_config(opts, spec)
     base_model, base_payload = train_checkpoint(opts, base_cfg)
     if method.fine_tune is not None:
-        model, payload = method.fine_tune(opts, spec, base_cfg, base_payload)
+        trained, payload = fine_tune(opts, method, spec, base_cfg, base_model, base_payload)
     else:
-        model, payload = base_model, base_payload
+        trained, payload = base_model, base_payload
+    model = getattr(trained, "segmenter", trained)  # what the protocol runs
     policies = []
     for knobs in ops:
         try:
-            policies.append((knobs, method.make_policy(model, **knobs), method.input_scale(knobs)))
+            policies.append((knobs, method.make_policy(trained, **knobs), method.input_scale(knobs)))
         except (TypeError, ValueError) as e:
             raise BenchError(f"bad operating point {knobs} for {method.name}: {e}") from None
     checkpoint = payload.get("weights")

@@ -5,7 +5,20 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+from methods import paumer
 from methods.encoder import Policy
+
+
+@dataclass(frozen=True)
+class FineTune:
+    """How a method fine-tunes from the baseline checkpoint. Every method that trains
+    gets the same budget: half the baseline's steps at half its learning rate."""
+
+    build: Callable  # (baseline Segmenter, **knobs) -> trainable module holding it as `.segmenter`
+    loss: Callable  # (trainable, images, labels, **knobs) -> scalar loss
+    knobs: dict = field(default_factory=dict)  # training knobs (part of the checkpoint's config hash)
+    steps_fraction: float = 0.5
+    lr_factor: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -14,10 +27,9 @@ class MethodSpec:
     description: str
     make_policy: Callable[..., Policy]  # (model, **knobs) -> Policy; raises ValueError on bad knobs
     default_ops: list[dict]
-    knob_types: dict = field(default_factory=dict)  # knob -> type, for parsing --op
+    knob_types: dict = field(default_factory=dict)  # knob -> type ([type]: always a list), for --op
     input_scale: Callable[[dict], float] = lambda knobs: 1.0
-    # fine-tuning from the baseline checkpoint, or None when the method runs on its weights
-    fine_tune: Optional[object] = None
+    fine_tune: Optional[FineTune] = None  # None: the method runs on the baseline's weights
 
 
 def _baseline(model=None) -> Policy:
@@ -30,11 +42,28 @@ def _static(model=None, scale: float = 1.0) -> Policy:
     return Policy()
 
 
+def _paumer(trained, tau=0.1, criterion="entropy", layers=None) -> Policy:
+    if not isinstance(trained, paumer.PaumerModel):
+        raise ValueError("paumer needs its fine-tuned checkpoint (PaumerModel)")
+    return paumer.PaumerPolicy(trained.pausing, tau=tau, criterion=criterion, layers=layers)
+
+
 METHODS: dict[str, MethodSpec] = {
     "baseline": MethodSpec("baseline", "Segmenter, every token through every block", _baseline, [{}]),
     "static": MethodSpec(
         "static", "the baseline on a downscaled input (prediction upsampled back)", _static,
         [{"scale": s} for s in (1.0, 0.875, 0.75, 0.625, 0.5)],
         knob_types={"scale": float}, input_scale=lambda knobs: float(knobs.get("scale", 1.0)),
+    ),
+    "paumer": MethodSpec(
+        "paumer", "patches with a confident intermediate prediction pause (skip later blocks)", _paumer,
+        [{"tau": t} for t in (0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5)],
+        knob_types={"tau": float, "criterion": str, "layers": [int]},
+        fine_tune=FineTune(
+            build=lambda seg, layers=None, **_: paumer.PaumerModel(seg, layers),
+            loss=lambda m, images, labels, tau_max=0.5, head_weight=0.5, **_: paumer.paumer_loss(
+                m, images, labels, tau_max=tau_max, head_weight=head_weight),
+            knobs={"tau_max": 0.5, "head_weight": 0.5},
+        ),
     ),
 }

@@ -118,29 +118,39 @@ def split_seed(split: str, index: int) -> int:
 
 # --------------------------------------------------------------------------- drawing
 class _Canvas:
-    """RGB float image (stored channel-first) plus label map, painted back to front."""
+    """Float RGB image, channel-first (3, H, W), plus a label map, painted back to front.
+
+    Colours are (3,) constants or channel-first fields (3, h, w); masks are (h, w).
+    Per-channel 2-D masked copies are several times faster than 3-D boolean indexing.
+    """
 
     def __init__(self) -> None:
-        self.chw = np.zeros((3, _H, _W), np.float32)
+        self.rgb = np.zeros((3, _H, _W), np.float32)
         self.lab = np.full((_H, _W), IGNORE_INDEX, np.uint8)
 
-    def paint(self, mask, colour, cls: int, box=None) -> None:
-        """Paint ``colour`` (shape (3,) or mask-shaped (..., 3)) where ``mask``.
-
-        ``box`` = (y0, y1, x0, x1) when ``mask`` covers only that window.
-        """
-        chw, lab = self.chw, self.lab
+    def paint(self, mask: np.ndarray, colour, cls: int, box=None) -> None:
+        """Paint ``colour`` and label ``cls`` where ``mask``; ``mask`` covers the whole
+        image, or only the window ``box`` = (y0, y1, x0, x1) when given."""
+        rgb, lab = self.rgb, self.lab
         if box is not None:
             y0, y1, x0, x1 = box
-            chw, lab = chw[:, y0:y1, x0:x1], lab[y0:y1, x0:x1]
-        colour = np.asarray(colour, np.float32)
-        for c in range(3):  # per channel: a 2-D masked copy is much faster than 3-D
-            np.copyto(chw[c], colour[..., c], where=mask)
+            rgb, lab = rgb[:, y0:y1, x0:x1], lab[y0:y1, x0:x1]
+        for c in range(3):
+            np.copyto(rgb[c], colour[c], where=mask)
         np.copyto(lab, np.uint8(cls), where=mask)
+
+    def darken(self, mask: np.ndarray, factor: float, box=None) -> None:
+        """Scale the colour where ``mask`` (shadows); labels are kept."""
+        rgb = self.rgb
+        if box is not None:
+            y0, y1, x0, x1 = box
+            rgb = rgb[:, y0:y1, x0:x1]
+        for c in range(3):
+            np.multiply(rgb[c], np.float32(factor), out=rgb[c], where=mask)
 
 
 def _box(cx: float, cy: float, half_w: float, half_h: float):
-    """Clipped integer window around a centre, with local pixel-centre grids."""
+    """Clipped integer window around a centre, with its pixel-centre grids (or None)."""
     y0, y1 = max(int(cy - half_h) - 1, 0), min(int(cy + half_h) + 2, _H)
     x0, x1 = max(int(cx - half_w) - 1, 0), min(int(cx + half_w) + 2, _W)
     if y0 >= y1 or x0 >= x1:
@@ -148,9 +158,19 @@ def _box(cx: float, cy: float, half_w: float, half_h: float):
     return (y0, y1, x0, x1), _YY[y0:y1, x0:x1], _XX[y0:y1, x0:x1]
 
 
+def _frac(x: np.ndarray) -> np.ndarray:
+    """x mod 1 (np.mod on floats is much slower)."""
+    return x - np.floor(x)
+
+
+def _field(colour: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """Channel-first colour field: a (3,) colour times an (h, w) shading."""
+    return colour[:, None, None] * scale[None]
+
+
 def _smooth_noise(rng: np.random.Generator, cells: int) -> np.ndarray:
-    """Roughly unit-variance noise on a (cells+1)^2 grid, bilinearly upsampled."""
-    grid = rng.standard_normal((cells + 1, cells + 1)).astype(np.float32)
+    """Roughly unit-variance noise on a (cells+1)^2 grid, bilinearly upsampled to H x W."""
+    grid = rng.standard_normal((cells + 1, cells + 1), dtype=np.float32)
     t = np.linspace(0.0, cells, _H, endpoint=False, dtype=np.float32)
     i = t.astype(np.int64)
     f = t - i
@@ -158,17 +178,13 @@ def _smooth_noise(rng: np.random.Generator, cells: int) -> np.ndarray:
     return rows[:, i] * (1 - f)[None, :] + rows[:, i + 1] * f[None, :]
 
 
-def _frac(x: np.ndarray) -> np.ndarray:
-    """x mod 1 (np.mod on floats is several times slower)."""
-    return x - np.floor(x)
-
-
 def _jitter(rng: np.random.Generator, colour, amount: float) -> np.ndarray:
-    return np.clip(np.asarray(colour, np.float32) + rng.uniform(-amount, amount, 3), 0, 255)
+    c = np.asarray(colour, np.float32) + rng.uniform(-amount, amount, 3).astype(np.float32)
+    return np.minimum(np.maximum(c, 0.0), 255.0)
 
 
 def _hsv(h: float, s: float, v: float) -> np.ndarray:
-    """HSV in [0,1] to RGB in [0,255]."""
+    """HSV in [0, 1] to RGB in [0, 255]."""
     i = int(h * 6.0) % 6
     f = h * 6.0 - int(h * 6.0)
     p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
@@ -176,10 +192,20 @@ def _hsv(h: float, s: float, v: float) -> np.ndarray:
     return np.array([r, g, b], np.float32) * 255.0
 
 
+def _building_colour(rng: np.random.Generator) -> np.ndarray:
+    kind = rng.integers(4)
+    if kind == 0:  # concrete grey
+        return _jitter(rng, [rng.uniform(90, 190)] * 3, 10)
+    if kind == 1:  # beige / sand
+        return _jitter(rng, (190, 170, 130), 30)
+    if kind == 2:  # brick
+        return _jitter(rng, (150, 80, 60), 30)
+    return _hsv(rng.random(), rng.uniform(0.1, 0.35), rng.uniform(0.45, 0.85))  # painted
+
+
 def _vehicle_colour(rng: np.random.Generator) -> np.ndarray:
     """One distribution for cars and trucks alike."""
-    kind = rng.random()
-    if kind < 0.45:  # white / grey / black
+    if rng.random() < 0.45:  # white / grey / black
         return _jitter(rng, [rng.uniform(25, 235)] * 3, 12)
     return _hsv(rng.random(), rng.uniform(0.35, 0.9), rng.uniform(0.3, 0.9))
 
@@ -195,12 +221,14 @@ def _draw_plate(cv: _Canvas, rng, cx: float, cy: float, size: float, cls: int) -
     """A sign face or a poster: rectangle, disc, diamond or triangle, maybe bordered."""
     hw = size / 2.0
     hh = hw * (rng.uniform(0.6, 1.0) if rng.random() < 0.5 else 1.0)
+    shape = rng.integers(4)
+    face = _plate_colour(rng)
+    border = _plate_colour(rng) if rng.random() < 0.5 else None
     b = _box(cx, cy, hw, hh)
     if b is None:
         return
     box, yy, xx = b
     du, dv = (xx - cx) / hw, (yy - cy) / hh
-    shape = rng.integers(4)
     if shape == 0:
         r = np.maximum(np.abs(du), np.abs(dv))
     elif shape == 1:
@@ -209,9 +237,7 @@ def _draw_plate(cv: _Canvas, rng, cx: float, cy: float, size: float, cls: int) -
         r = np.abs(du) + np.abs(dv)
     else:  # triangle pointing up
         r = np.maximum(dv, (np.abs(du) * 1.7 - dv) / 1.3 + 0.25)
-    face = _plate_colour(rng)
-    if rng.random() < 0.5:
-        border = _plate_colour(rng)
+    if border is not None:
         cv.paint(r <= 1.0, border, cls, box)
         cv.paint(r <= 0.7, face, cls, box)
     else:
@@ -221,80 +247,97 @@ def _draw_plate(cv: _Canvas, rng, cx: float, cy: float, size: float, cls: int) -
 def _draw_vehicle(cv: _Canvas, rng, cx: float, base: float, w: float, h: float,
                   cls: int) -> None:
     """Rear view of a car or a truck: the same parts at the same relative positions."""
+    body_c = _vehicle_colour(rng)
+    tyre = _jitter(rng, (28, 28, 30), 8)
+    glass = _jitter(rng, (45, 55, 70), 15)
+    light = _jitter(rng, (200, 30, 25), 20)
+    plate = _jitter(rng, (225, 225, 215), 15)
     b = _box(cx, base - h / 2.0, w / 2.0, h / 2.0)
     if b is None:
         return
     box, yy, xx = b
-    u = (xx - cx) / w  # -0.5 .. 0.5
+    au = np.abs(xx - cx) / w  # 0 (centre) .. 0.5 (side)
     v = (base - yy) / h  # 0 (ground) .. 1 (roof)
-    au = np.abs(u)
-    body_c = _vehicle_colour(rng)
     r = 0.14  # rounded roof corners, relative
     corner = (v > 1 - r) & (au > 0.5 - r) & (
         ((au - (0.5 - r)) / r) ** 2 + ((v - (1 - r)) / r) ** 2 > 1.0)
     body = (au <= 0.5) & (v >= 0.08) & (v <= 1.0) & ~corner
-    wheels = (v >= 0.0) & (v < 0.1) & (au >= 0.28) & (au <= 0.46)
-    shade = 1.0 - 0.12 * np.clip((v - 0.6) / 0.4, 0, 1)[..., None]  # roof a bit darker
-    cv.paint(wheels, _jitter(rng, (28, 28, 30), 8), cls, box)
-    cv.paint(body, body_c[None, None, :] * shade, cls, box)
+    cv.paint((v >= 0.0) & (v < 0.1) & (au >= 0.28) & (au <= 0.46), tyre, cls, box)
+    cv.paint(body, _field(body_c, 1.0 - 0.12 * np.clip((v - 0.6) / 0.4, 0, 1)), cls, box)
     cv.paint(body & (v < 0.17), body_c * 0.45, cls, box)  # bumper
-    glass = _jitter(rng, (45, 55, 70), 15)
-    win = (v >= 0.66) & (v <= 0.9) & (au <= 0.4)
-    cv.paint(win, glass[None, None, :] * (1.0 + 0.5 * (v - 0.66))[..., None], cls, box)
-    cv.paint((v >= 0.38) & (v <= 0.5) & (au >= 0.35) & (au <= 0.46),
-             _jitter(rng, (200, 30, 25), 20), cls, box)  # tail lights
-    cv.paint((v >= 0.2) & (v <= 0.3) & (au <= 0.1), _jitter(rng, (225, 225, 215), 15),
-             cls, box)  # plate
+    cv.paint((v >= 0.66) & (v <= 0.9) & (au <= 0.4), _field(glass, 1.0 + 0.5 * (v - 0.66)),
+             cls, box)  # rear window
+    cv.paint((v >= 0.38) & (v <= 0.5) & (au >= 0.35) & (au <= 0.46), light, cls, box)
+    cv.paint((v >= 0.2) & (v <= 0.3) & (au <= 0.1), plate, cls, box)
 
 
 def _draw_person(cv: _Canvas, rng, cx: float, base: float, h: float) -> None:
+    stride = rng.uniform(0.0, 0.05)
+    skin = _jitter(rng, [(235, 200, 170), (190, 140, 100), (120, 80, 55)][rng.integers(3)], 15)
+    trousers = _hsv(rng.random(), rng.uniform(0, 0.6), rng.uniform(0.1, 0.6))
+    shirt = _hsv(rng.random(), rng.uniform(0.2, 0.9), rng.uniform(0.3, 0.95))
+    hair = _jitter(rng, (50, 35, 25), 20)
     b = _box(cx, base - h / 2.0, h * 0.2, h / 2.0)
     if b is None:
         return
     box, yy, xx = b
     u = (xx - cx) / h
     v = (base - yy) / h
-    stride = rng.uniform(0.0, 0.05)
+    spread = 0.04 + stride * (0.46 - v)
     legs = (v >= 0) & (v <= 0.46) & (
-        (np.abs(u - 0.04 - stride * (0.46 - v)) <= 0.035)
-        | (np.abs(u + 0.04 + stride * (0.46 - v)) <= 0.035))
+        (np.abs(u - spread) <= 0.035) | (np.abs(u + spread) <= 0.035))
     torso = (v > 0.42) & (v <= 0.8) & (np.abs(u) <= 0.1 + 0.03 * (v - 0.42))
     arms = (v > 0.5) & (v <= 0.78) & (np.abs(u) > 0.1) & (np.abs(u) <= 0.14)
     head = (u * u + (v - 0.89) ** 2) <= 0.085 ** 2
-    hair = head & (v > 0.91)
-    skin = _jitter(rng, [(235, 200, 170), (190, 140, 100), (120, 80, 55)][rng.integers(3)], 15)
-    cv.paint(legs, _hsv(rng.random(), rng.uniform(0, 0.6), rng.uniform(0.1, 0.6)), PERSON, box)
-    shirt = _hsv(rng.random(), rng.uniform(0.2, 0.9), rng.uniform(0.3, 0.95))
+    cv.paint(legs, trousers, PERSON, box)
     cv.paint(torso | arms, shirt, PERSON, box)
     cv.paint(head, skin, PERSON, box)
-    cv.paint(hair, _jitter(rng, (50, 35, 25), 20), PERSON, box)
+    cv.paint(head & (v > 0.91), hair, PERSON, box)
 
 
 def _draw_tree(cv: _Canvas, rng, cx: float, base: float, s: float, green: np.ndarray,
-               leaf_noise: np.ndarray) -> None:
+               leaf: np.ndarray) -> None:
     trunk_h = rng.uniform(0.3, 0.55) * s
     trunk_w = max(rng.uniform(0.04, 0.07) * s, 1.2)
     radius = rng.uniform(0.2, 0.38) * s
+    bark = _jitter(rng, (85, 65, 45), 15)
+    k1, k2 = rng.integers(3, 7), rng.integers(7, 13)
+    p1, p2 = rng.uniform(0, 2 * np.pi, 2)
     cy = base - trunk_h - radius * 0.7
-    b = _box(cx, cy, radius * 1.3, radius * 1.3 + trunk_h)
+    b = _box(cx, cy + trunk_h / 2, radius * 1.3, radius * 1.3 + trunk_h / 2)
     if b is None:
         return
     box, yy, xx = b
-    trunk = (np.abs(xx - cx) <= trunk_w / 2) & (yy <= base) & (yy >= cy)
-    cv.paint(trunk, _jitter(rng, (85, 65, 45), 15), VEGETATION, box)
+    cv.paint((np.abs(xx - cx) <= trunk_w / 2) & (yy <= base) & (yy >= cy), bark, VEGETATION, box)
     ang = np.arctan2(yy - cy, xx - cx)
-    k1, k2 = rng.integers(3, 7), rng.integers(7, 13)
-    ragged = 1.0 + 0.12 * np.sin(k1 * ang + rng.uniform(0, 6.3)) \
-        + 0.07 * np.sin(k2 * ang + rng.uniform(0, 6.3))
+    ragged = 1.0 + 0.12 * np.sin(k1 * ang + p1) + 0.07 * np.sin(k2 * ang + p2)
     canopy = (xx - cx) ** 2 + ((yy - cy) / 0.9) ** 2 <= (radius * ragged) ** 2
     y0, y1, x0, x1 = box
-    tex = green[None, None, :] * (1.0 + 0.22 * leaf_noise[y0:y1, x0:x1, None])
-    cv.paint(canopy, tex, VEGETATION, box)
+    cv.paint(canopy, _field(green, leaf[y0:y1, x0:x1]), VEGETATION, box)
+
+
+def _shadow(cv: _Canvas, cx: float, base: float, w: float) -> None:
+    """Dark patch on the ground under a vehicle (keeps the ground's label)."""
+    half_h = max(w * 0.05, 1.0)
+    b = _box(cx, base, w * 0.6, half_h)
+    if b is not None:
+        box, yy, xx = b
+        cv.darken((np.abs(xx - cx) <= w * 0.55) & (np.abs(yy - base) <= half_h), 0.55, box)
+
+
+def _on_ground(rng: np.random.Generator, where: str, a_l, a_r, b_l, b_r) -> float:
+    """World lateral position: on the road, or on a random sidewalk (margins in world units)."""
+    if where == "road":
+        return rng.uniform(-a_l + 0.15, a_r - 0.15)
+    side, a, b = (-1, a_l, b_l) if rng.random() < 0.5 else (1, a_r, b_r)
+    if where == "curb":
+        return side * (a + rng.uniform(0.05, 0.2))
+    return side * rng.uniform(a + 0.1, b - 0.08)
 
 
 # ---------------------------------------------------------------------------- scene
 def generate_sample(seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """One street scene: ``(image uint8 (128,128,3), label uint8 (128,128))``.
+    """One street scene: ``(image uint8 (128, 128, 3), label uint8 (128, 128))``.
 
     Deterministic: the only randomness is ``np.random.default_rng(seed)``.
     """
@@ -302,150 +345,136 @@ def generate_sample(seed: int) -> tuple[np.ndarray, np.ndarray]:
     cv = _Canvas()
     yy, xx = _YY, _XX
 
-    # --- camera and street geometry (world unit = camera height)
+    # --- camera and street (world unit = camera height; focal length _F px)
     y_h = rng.uniform(40.0, 58.0)  # horizon row
     x_v = rng.uniform(40.0, 88.0)  # vanishing point column
-    a_l, a_r = rng.uniform(0.55, 1.0, 2)  # road half widths
-    b_l, b_r = a_l + rng.uniform(0.3, 0.75), a_r + rng.uniform(0.3, 0.75)  # sidewalk edges
-    z_end = rng.uniform(9.0, 16.0) if rng.random() < 0.75 else np.inf  # street end
+    a_l, a_r = rng.uniform(0.55, 1.0, 2)  # road edges: world X = -a_l, +a_r
+    b_l, b_r = a_l + rng.uniform(0.3, 0.75), a_r + rng.uniform(0.3, 0.75)  # facades
+    z_end = rng.uniform(9.0, 16.0) if rng.random() < 0.75 else np.inf  # far building
 
     # --- sky: vertical gradient, maybe clouds
     if rng.random() < 0.7:
         top = _hsv(rng.uniform(0.55, 0.64), rng.uniform(0.35, 0.7), rng.uniform(0.6, 0.95))
     else:  # overcast
         top = _jitter(rng, [rng.uniform(150, 215)] * 3, 10)
-    bottom = np.clip(top * rng.uniform(1.05, 1.25) + 15, 0, 255)
-    t = np.clip(yy / max(y_h, 1.0), 0, 1)[..., None]
-    sky = top * (1 - t) + bottom * t
+    bottom = np.minimum(top * rng.uniform(1.05, 1.25) + 15, 255)
+    t = np.clip(yy / y_h, 0, 1)[None]
+    sky = top[:, None, None] * (1 - t) + bottom[:, None, None] * t
     if rng.random() < 0.5:
-        cloud = np.clip(_smooth_noise(rng, 6) - 0.3, 0, 1)[..., None]
-        sky = sky * (1 - 0.6 * cloud) + 235.0 * 0.6 * cloud
-    cv.paint(np.ones((_H, _W), bool), sky, SKY)
+        cloud = 0.6 * np.clip(_smooth_noise(rng, 6) - 0.3, 0, 1)[None]
+        sky = sky * (1 - cloud) + 235.0 * cloud
+    cv.rgb[:] = sky
+    cv.lab[:] = SKY
 
     # --- ground plane: road and sidewalks share one base colour
-    dy = np.maximum(yy - y_h, 1e-3)
     ground = yy > y_h
-    lat = (xx - x_v) / dy  # world X on the ground plane
-    depth = _F / dy  # world Z on the ground plane
-    grey = rng.uniform(70, 150)
-    road_c = np.clip(grey + rng.uniform(-8, 8, 3) + rng.uniform(-6, 6), 0, 255).astype(np.float32)
-    walk_c = np.clip(road_c * (1 + rng.choice([-1, 1]) * rng.uniform(0.0, 0.07)), 0, 255)
-    grain = rng.normal(0.0, 4.0, (_H, _W)).astype(np.float32)[..., None]
+    dy = np.maximum(yy - y_h, 1e-3)  # px below the horizon = px per world unit there
+    lat = (xx - x_v) / dy  # world X
+    depth = _F / dy  # world Z
+    road_c = _jitter(rng, [rng.uniform(70, 150)] * 3, 8)
+    walk_c = road_c * np.float32(1 + rng.choice([-1, 1]) * rng.uniform(0.0, 0.07))
     road = ground & (lat >= -a_l) & (lat <= a_r)
     walk = ground & ~road & (lat >= -b_l) & (lat <= b_r)
-    cv.paint(road, road_c + grain, ROAD)
-    # tile grooves: world period tile; image period = tile*dy across, tile*dy^2/F along
+    cv.paint(road, road_c, ROAD)
+    # tile grooves, world period `tile`: in the image tile*dy px across, tile*dy^2/F along
     tile = rng.uniform(12.0, 20.0) / _F
-    gx_px = np.abs(_frac(lat / tile + 0.5) - 0.5) * tile * dy  # px to nearest groove
-    gz_px = np.abs(_frac(depth / tile + 0.5) - 0.5) * tile * dy * dy / _F
-    fade_x = np.clip((tile * dy - 3.0) / 3.0, 0, 1)
-    fade_z = np.clip((tile * dy * dy / _F - 3.0) / 3.0, 0, 1)
-    groove = np.maximum(np.clip(1.0 - gx_px, 0, 1) * fade_x, np.clip(1.0 - gz_px, 0, 1) * fade_z)
+    across, along = tile * dy, tile * dy * dy / _F
+    gx = np.abs(_frac(lat / tile + 0.5) - 0.5) * across  # px to the nearest groove
+    gz = np.abs(_frac(depth / tile + 0.5) - 0.5) * along
+    groove = np.maximum(np.clip(1.0 - gx, 0, 1) * np.clip((across - 3.0) / 3.0, 0, 1),
+                        np.clip(1.0 - gz, 0, 1) * np.clip((along - 3.0) / 3.0, 0, 1))
     contrast = rng.uniform(10.0, 22.0)
-    cv.paint(walk, walk_c + grain - contrast * groove[..., None], SIDEWALK)
+    cv.paint(walk, walk_c[:, None, None] - contrast * groove[None], SIDEWALK)
     curb_w = rng.uniform(0.04, 0.08)
     curb = walk & (((lat >= -a_l - curb_w) & (lat < -a_l)) | ((lat > a_r) & (lat <= a_r + curb_w)))
-    cv.paint(curb, np.clip(walk_c * 1.25 + 20, 0, 255) + grain, SIDEWALK)
-    # lane markings: dashed centre line and sometimes solid edge lines (all road)
-    paint_c = _jitter(rng, (230, 225, 210) if rng.random() < 0.7 else (225, 190, 60), 15)
-    centre = rng.uniform(-0.2, 0.2) * (a_r - a_l) + (a_r - a_l) / 2.0
+    cv.paint(curb, np.minimum(walk_c * 1.25 + 20, 255), SIDEWALK)
+    # lane markings (road): dashed centre line, sometimes solid edge lines
+    marking = _jitter(rng, (230, 225, 210) if rng.random() < 0.7 else (225, 190, 60), 15)
+    centre = (a_r - a_l) / 2.0 + rng.uniform(-0.15, 0.15)
     dash = _frac(depth / rng.uniform(0.8, 1.4)) < 0.5
-    cv.paint(road & (np.abs(lat - centre) < 0.035) & dash, paint_c, ROAD)
+    cv.paint(road & (np.abs(lat - centre) < 0.035) & dash, marking, ROAD)
     if rng.random() < 0.5:
         edge = road & ((np.abs(lat + a_l - 0.08) < 0.02) | (np.abs(lat - a_r + 0.08) < 0.02))
-        cv.paint(edge, paint_c, ROAD)
+        cv.paint(edge, marking, ROAD)
 
-    # --- facades (or a hedge) on each side, far building at the street end
-    leaf_noise = _smooth_noise(rng, 24) + 0.5 * rng.standard_normal((_H, _W)).astype(np.float32)
+    # --- each side: building facades (or a hedge); a far building closes the street
+    leaf = 1.0 + 0.15 * _smooth_noise(rng, 24) + 0.12 * _smooth_noise(rng, 60)
     green = _hsv(rng.uniform(0.2, 0.36), rng.uniform(0.4, 0.8), rng.uniform(0.3, 0.6))
-    posters_on: list[tuple[np.ndarray, float, float]] = []  # (facade mask, scale/Z, side)
+    facades = []  # (facade mask, world X of the facade, side)
     for side, b_side in ((-1, b_l), (1, b_r)):
-        off = side * (xx - x_v)  # px away from the vanishing point, towards this side
+        off = np.maximum(side * (xx - x_v), 1e-3)  # px from the vanishing point
         on_side = off > 0.5
-        z = np.where(on_side, _F * b_side / np.maximum(off, 1e-3), 1e6)  # depth of facade
-        height = np.where(on_side, 1.0 - (yy - y_h) * b_side / np.maximum(off, 1e-3), -1.0)
+        z = _F * b_side / off  # depth of the facade plane seen at this column
+        height = 1.0 - (yy - y_h) * b_side / off  # world height on the facade
         visible = on_side & (z < z_end) & (height >= 0)
-        if rng.random() < 0.18:  # open side: a hedge instead of buildings
+        if rng.random() < 0.18:  # open side: a hedge
             top_h = rng.uniform(0.5, 1.2) + 0.25 * np.sin(z * rng.uniform(1.0, 3.0))
-            hedge = visible & (height <= top_h)
-            cv.paint(hedge, green[None, None, :] * (1.0 + 0.22 * leaf_noise[..., None]), VEGETATION)
+            cv.paint(visible & (height <= top_h), _field(green, leaf), VEGETATION)
             continue
-        # building blocks along the street: per-block parameters looked up per pixel
-        n_blocks = int(rng.integers(2, 6))
-        bounds = np.sort(rng.uniform(1.0, min(z_end, 30.0), n_blocks - 1))
-        block = np.searchsorted(bounds, z)
-        hb = rng.uniform(1.6, 5.0, n_blocks).astype(np.float32)[block]
-        wall = np.stack([_building_colour(rng) for _ in range(n_blocks)])[block]
-        # windows on a (depth, height) grid, left out where they would alias
-        tz = rng.uniform(0.5, 1.2, n_blocks).astype(np.float32)[block]
-        th = rng.uniform(0.6, 1.0, n_blocks).astype(np.float32)[block]
-        phase = rng.uniform(0.0, 1.0, n_blocks).astype(np.float32)[block]
+        # blocks along the street, each with its height, colour and window grid
+        n = int(rng.integers(2, 6))
+        bounds = np.sort(rng.uniform(1.0, min(z_end, 30.0), n - 1))
+        block = np.zeros(z.shape, np.intp)
+        for bound in bounds:
+            block += z > bound
+        hb = rng.uniform(1.6, 5.0, n).astype(np.float32)
+        wall = np.stack([_building_colour(rng) for _ in range(n)], 1)  # (3, n)
         glass = np.stack([_jitter(rng, (60, 70, 85) if rng.random() < 0.7 else (200, 180, 120), 20)
-                          for _ in range(n_blocks)])[block]
-        mask = visible & (height <= hb)
-        cv.paint(mask, wall + 0.6 * grain, BUILDING)
-        col = _frac(z / tz + phase)
-        row = _frac(height / th)
-        px_per_col = _F * b_side * tz / (z * z)
-        win = mask & (col > 0.3) & (col < 0.7) & (row > 0.35) & (row < 0.75) \
-            & (height > 1.0) & (height < hb - 0.3) & (px_per_col > 2.5)
-        cv.paint(win, glass, BUILDING)
-        posters_on.append((mask, b_side, side))
+                          for _ in range(n)], 1)
+        tz, th, phase = rng.uniform((0.5, 0.6, 0.0), (1.2, 1.0, 1.0), (n, 3)).astype(np.float32).T
+        hb_px, tz_px = hb[block], tz[block]
+        mask = visible & (height <= hb_px)
+        cv.paint(mask, [np.take(wall[c], block) for c in range(3)], BUILDING)
+        col = _frac(z / tz_px + phase[block])
+        row = _frac(height / th[block])
+        win = mask & (col > 0.3) & (col < 0.7) & (row > 0.35) & (row < 0.75) & (height > 1.0) \
+            & (height < hb_px - 0.3) & (_F * b_side * tz_px / (z * z) > 2.5)  # no aliasing
+        cv.paint(win, [np.take(glass[c], block) for c in range(3)], BUILDING)
+        facades.append((mask, b_side, side))
     if np.isfinite(z_end):
-        hf = rng.uniform(1.5, 6.0)
         s_end = _F / z_end
+        hf = rng.uniform(1.5, 6.0)
         far = (xx >= x_v - b_l * s_end) & (xx <= x_v + b_r * s_end) \
             & (yy <= y_h + s_end) & (yy >= y_h - (hf - 1.0) * s_end)
-        wall = _building_colour(rng)
-        cv.paint(far, wall + 0.6 * grain, BUILDING)
+        cv.paint(far, _building_colour(rng), BUILDING)
         wp = rng.uniform(3.0, 5.0)
         win = far & (_frac(xx / wp) < 0.45) & (_frac(yy / wp) < 0.5) & (yy < y_h)
         cv.paint(win, _jitter(rng, (60, 70, 85), 20), BUILDING)
 
-    # --- posters: sign look-alikes on facades, labelled building
-    for mask, b_side, side in posters_on:
+    # --- posters: drawn like signs, labelled building
+    for mask, b_side, side in facades:
         for _ in range(rng.integers(0, 4)):
-            z = rng.uniform(1.3, 6.0)
-            s = _F / z  # px per world unit at that depth
-            hgt = rng.uniform(0.5, 1.6)
-            cx = x_v + side * b_side * s
-            cy = y_h + (1.0 - hgt) * s
-            size = rng.uniform(0.12, 0.2) * s
+            z, hgt, rel = rng.uniform((1.3, 0.5, 0.12), (6.0, 1.6, 0.2))
+            s = _F / z
+            cx, cy, size = x_v + side * b_side * s, y_h + (1.0 - hgt) * s, rel * s
             corners = [(int(cy + dv), int(cx + du)) for dv in (-size / 2, size / 2)
                        for du in (-size / 2, size / 2)]
             if size >= 3 and all(0 <= iy < _H and 0 <= ix < _W and mask[iy, ix]
                                  for iy, ix in corners):
                 _draw_plate(cv, rng, cx, cy, size, BUILDING)
 
-    # --- objects standing on the ground, drawn far to near
-    objects = []  # (depth, kind, lateral)
+    # --- objects standing on the ground, drawn far to near: (depth, kind, world X)
+    ground_args = (a_l, a_r, b_l, b_r)
+    objects = []
     for _ in range(rng.integers(1, 5)):
-        objects.append(("vehicle", rng.uniform(1.0, 2.8), rng.uniform(-a_l + 0.15, a_r - 0.15)))
+        objects.append((rng.uniform(1.0, 2.8), "vehicle", _on_ground(rng, "road", *ground_args)))
     for _ in range(rng.integers(1, 5)):
-        side, a, b = (-1, a_l, b_l) if rng.random() < 0.5 else (1, a_r, b_r)
-        objects.append(("pole", rng.uniform(1.0, 3.5), side * (a + rng.uniform(0.05, 0.2))))
+        objects.append((rng.uniform(1.0, 3.5), "pole", _on_ground(rng, "curb", *ground_args)))
     for _ in range(rng.integers(0, 6)):
-        if rng.random() < 0.15:  # crossing the road
-            lat0 = rng.uniform(-a_l, a_r)
-        else:
-            side, a, b = (-1, a_l, b_l) if rng.random() < 0.5 else (1, a_r, b_r)
-            lat0 = side * rng.uniform(a + 0.1, b - 0.05)
-        objects.append(("person", rng.uniform(1.0, 3.5), lat0))
+        where = "road" if rng.random() < 0.15 else "sidewalk"  # some cross the road
+        objects.append((rng.uniform(1.0, 3.5), "person", _on_ground(rng, where, *ground_args)))
     for _ in range(rng.integers(0, 3)):
-        side, a, b = (-1, a_l, b_l) if rng.random() < 0.5 else (1, a_r, b_r)
-        objects.append(("tree", rng.uniform(1.1, 4.0), side * rng.uniform(a + 0.15, b - 0.1)))
+        objects.append((rng.uniform(1.1, 4.0), "tree", _on_ground(rng, "sidewalk", *ground_args)))
     if rng.random() < 0.35:
-        side, a, b = (-1, a_l, b_l) if rng.random() < 0.5 else (1, a_r, b_r)
-        objects.append(("void", rng.uniform(1.0, 3.0), side * rng.uniform(a + 0.1, b - 0.1)))
-    objects.sort(key=lambda o: -o[1])
+        objects.append((rng.uniform(1.0, 3.0), "void", _on_ground(rng, "sidewalk", *ground_args)))
+    objects.sort(key=lambda o: -o[0])
 
-    for kind, z, lat0 in objects:
-        s = _F / z  # px per world unit
-        base = y_h + s
-        cx = x_v + lat0 * s
+    for z, kind, lat0 in objects:
+        s = _F / z  # px per world unit at this depth
+        base, cx = y_h + s, x_v + lat0 * s
         if kind == "vehicle":
             truck = rng.random() < 0.35
-            if truck:
+            if truck:  # taller than wide, and wider in the world
                 w = rng.uniform(0.45, 0.55) * s
                 h = w * rng.uniform(1.05, 1.3)
             else:
@@ -456,8 +485,8 @@ def generate_sample(seed: int) -> tuple[np.ndarray, np.ndarray]:
         elif kind == "pole":
             ph = rng.uniform(0.8, 1.25) * s
             pw = max(rng.uniform(0.025, 0.04) * s, 1.0)
-            b = _box(cx, base - ph / 2, pw, ph / 2)
             metal = _jitter(rng, [rng.uniform(60, 170)] * 3, 12)
+            b = _box(cx, base - ph / 2, pw, ph / 2)
             if b is not None:
                 box, ly, lx = b
                 cv.paint((np.abs(lx - cx) <= pw / 2) & (ly <= base) & (ly >= base - ph),
@@ -469,57 +498,34 @@ def generate_sample(seed: int) -> tuple[np.ndarray, np.ndarray]:
         elif kind == "person":
             _draw_person(cv, rng, cx, base, rng.uniform(0.28, 0.36) * s)
         elif kind == "tree":
-            _draw_tree(cv, rng, cx, base, s, green, leaf_noise)
-        else:  # void clutter: a bin or a box, label ignored
+            _draw_tree(cv, rng, cx, base, s, green, leaf)
+        else:  # void clutter (a bin, a box): label ignored
             w, h = rng.uniform(0.08, 0.14) * s, rng.uniform(0.1, 0.18) * s
+            clutter = _jitter(rng, (90, 90, 80), 40)
             b = _box(cx, base - h / 2, w / 2, h / 2)
             if b is not None:
                 box, ly, lx = b
                 cv.paint((np.abs(lx - cx) <= w / 2) & (ly <= base) & (ly >= base - h),
-                         _jitter(rng, (90, 90, 80), 40), IGNORE_INDEX, box)
+                         clutter, IGNORE_INDEX, box)
 
-    # --- lighting: cast shadow on the ground, gain, colour cast, gradient, blur, noise
-    rgb = np.ascontiguousarray(cv.chw.transpose(1, 2, 0))
-    if rng.random() < 0.5:
-        k = rng.uniform(-0.15, 0.15)
-        x0 = rng.uniform(-a_l, a_r)
+    # --- surface grain, cast shadow, gain and colour cast, gradient, blur, sensor noise
+    rough = (cv.lab <= BUILDING).astype(np.float32)  # road, sidewalk, building
+    rgb = cv.rgb + rng.standard_normal((_H, _W), dtype=np.float32) * (4.0 * rough)
+    if rng.random() < 0.5:  # a building's shadow across the ground
+        k, x0 = rng.uniform(-0.15, 0.15), rng.uniform(-a_l, a_r)
         sign = rng.choice([-1.0, 1.0])
-        shadow = ((cv.lab == ROAD) | (cv.lab == SIDEWALK)) & (sign * (lat - x0 - k * depth) > 0)
-        rgb[shadow] *= rng.uniform(0.6, 0.8)
+        shadow = (cv.lab <= SIDEWALK) & (sign * (lat - x0 - k * depth) > 0)
+        rgb *= np.where(shadow, np.float32(rng.uniform(0.6, 0.8)), np.float32(1.0))[None]
     gain = rng.uniform(0.75, 1.15) * rng.uniform(0.92, 1.08, 3).astype(np.float32)
     grad = 1.0 + rng.uniform(-0.2, 0.2) * (xx / _W - 0.5)
-    rgb *= gain[None, None, :] * grad[..., None]
+    rgb *= gain[:, None, None] * grad[None]
     if rng.random() < 0.5:  # [1 2 1] / 4 blur in both directions
-        p = np.pad(rgb, ((1, 1), (1, 1), (0, 0)), mode="edge")
-        rgb = (p[:-2] + 2 * p[1:-1] + p[2:]) / 4.0
-        rgb = (rgb[:, :-2] + 2 * rgb[:, 1:-1] + rgb[:, 2:]) / 4.0
-    rgb = rgb + rng.normal(0.0, rng.uniform(2.0, 6.0), rgb.shape).astype(np.float32)
-    image = np.clip(rgb + 0.5, 0, 255).astype(np.uint8)
-    return image, cv.lab
-
-
-def _building_colour(rng: np.random.Generator) -> np.ndarray:
-    kind = rng.integers(4)
-    if kind == 0:  # concrete grey
-        return _jitter(rng, [rng.uniform(90, 190)] * 3, 10)
-    if kind == 1:  # beige / sand
-        return _jitter(rng, (190, 170, 130), 30)
-    if kind == 2:  # brick
-        return _jitter(rng, (150, 80, 60), 30)
-    return _hsv(rng.random(), rng.uniform(0.1, 0.35), rng.uniform(0.45, 0.85))  # painted
-
-
-def _shadow(cv: _Canvas, cx: float, base: float, w: float) -> None:
-    """Dark patch on the ground under a vehicle (keeps the ground's label)."""
-    b = _box(cx, base, w * 0.6, max(w * 0.06, 1.0))
-    if b is None:
-        return
-    box, yy, xx = b
-    y0, y1, x0, x1 = box
-    m = (np.abs(xx - cx) <= w * 0.55) & (np.abs(yy - base) <= max(w * 0.05, 1.0))
-    for c in range(3):
-        view = cv.chw[c, y0:y1, x0:x1]
-        np.copyto(view, view * 0.55, where=m)
+        p = np.pad(rgb, ((0, 0), (1, 1), (1, 1)), mode="edge")
+        rgb = (p[:, :-2] + 2 * p[:, 1:-1] + p[:, 2:]) * 0.25
+        rgb = (rgb[:, :, :-2] + 2 * rgb[:, :, 1:-1] + rgb[:, :, 2:]) * 0.25
+    rgb += rng.standard_normal((3, _H, _W), dtype=np.float32) * np.float32(rng.uniform(2.0, 6.0))
+    image = np.clip(rgb + 0.5, 0, 255).astype(np.uint8).transpose(1, 2, 0)
+    return np.ascontiguousarray(image), cv.lab
 
 
 def colorize(label: np.ndarray) -> np.ndarray:

@@ -1,0 +1,233 @@
+"""PAUMER: patches whose intermediate prediction is confident *pause*.
+
+At each pausing layer l (after block l, counting from 1) a head (LayerNorm + Linear to
+C classes) predicts every active patch's class; a patch whose score is below tau_l
+leaves the active set: it is neither query nor key/value of any later block, and it
+re-joins at its grid position, with the state it had when it paused, before the decoder.
+
+Scores (``criterion``), each in [0, 1], low = confident:
+  entropy     normalised entropy  H = -sum p log p / log C   (the paper's criterion)
+  confidence  1 - max p
+  random      pauses as many patches per image as entropy would, chosen at random
+  oracle      entropy, but only patches whose head prediction is right may pause
+              (needs labels: evaluation only, an upper bound for the heads)
+
+Inference gathers (``TokenState.keep``): compute really falls. Training *simulates*
+pausing with an attention mask (a paused token neither attends nor is attended to, and
+its state is frozen), tau drawn at random per batch, so one network serves every tau;
+``test_paumer`` holds the masked forward equal to the gathered one.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from methods.encoder import Policy, TokenState
+
+CRITERIA = ("entropy", "confidence", "random", "oracle")
+
+
+def default_layers(depth: int) -> list[int]:
+    """Three evenly spaced layers from a third to two thirds of the depth (12 blocks:
+    4, 6, 8; 6 blocks: 2, 3, 4). Earlier heads are too unsure to pause much; later
+    pauses save little."""
+    return sorted({max(1, round(depth * f)) for f in (1 / 3, 1 / 2, 2 / 3)})
+
+
+def normalized_entropy(logits: Tensor) -> Tensor:
+    """-sum p log p / log C over the last dim, in [0, 1]."""
+    logp = F.log_softmax(logits, dim=-1)
+    return -(logp.exp() * logp).sum(-1) / math.log(logits.shape[-1])
+
+
+def pause_scores(logits: Tensor, criterion: str) -> Tensor:
+    """Per-token score in [0, 1]; a token pauses where score < tau."""
+    if criterion == "confidence":
+        return 1.0 - F.softmax(logits, dim=-1).amax(-1)
+    return normalized_entropy(logits)  # entropy, and the base of random / oracle
+
+
+class PausingHeads(nn.Module):
+    """One LayerNorm + Linear head per pausing layer."""
+
+    def __init__(self, dim: int, num_classes: int, layers: Sequence[int]):
+        super().__init__()
+        self.layers = list(layers)
+        self.heads = nn.ModuleList(nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, num_classes)) for _ in layers)
+
+    def head_at(self, layer: int) -> Optional[nn.Module]:
+        return self.heads[self.layers.index(layer)] if layer in self.layers else None
+
+
+class PaumerModel(nn.Module):
+    """A Segmenter plus its pausing heads: what PAUMER fine-tunes and checkpoints."""
+
+    def __init__(self, segmenter: nn.Module, layers: Optional[Sequence[int]] = None):
+        super().__init__()
+        layers = list(layers) if layers is not None else default_layers(segmenter.depth)
+        check_layers(layers, segmenter.depth)
+        self.segmenter = segmenter
+        self.pausing = PausingHeads(segmenter.config.embed_dim, segmenter.num_classes, layers)
+
+    def forward(self, images: Tensor, policy: Optional[Policy] = None) -> Tensor:
+        return self.segmenter(images, policy)
+
+
+def check_layers(layers: Sequence[int], depth: int) -> None:
+    if not layers:
+        raise ValueError("at least one pausing layer is needed")
+    bad = [l for l in layers if not 1 <= l < depth]
+    if bad:
+        raise ValueError(f"pausing layers must be in [1, {depth - 1}] (after that block), got {bad}")
+    if sorted(set(layers)) != list(layers):
+        raise ValueError(f"pausing layers must be increasing and distinct, got {list(layers)}")
+
+
+def resolve_tau(tau: Union[float, Sequence[float]], layers: Sequence[int]) -> list[float]:
+    taus = [float(t) for t in tau] if isinstance(tau, (list, tuple)) else [float(tau)] * len(layers)
+    if len(taus) != len(layers):
+        raise ValueError(f"tau has {len(taus)} values for {len(layers)} pausing layers {list(layers)}")
+    if any(not 0.0 <= t <= 1.0 for t in taus):
+        raise ValueError(f"tau must be in [0, 1], got {taus}")
+    return taus
+
+
+def patch_labels(labels: Tensor, patch: int, num_classes: int, ignore_index: int = 255) -> Tensor:
+    """(B, H, W) pixel labels -> (B, H/p * W/p) majority class per patch; a patch that is
+    mostly ignore pixels is ``ignore_index``."""
+    B, H, W = labels.shape
+    onehot = F.one_hot(torch.where(labels == ignore_index, num_classes, labels), num_classes + 1)
+    share = F.avg_pool2d(onehot.permute(0, 3, 1, 2).float(), patch)  # (B, C+1, gh, gw)
+    majority = share[:, :num_classes].argmax(1)
+    majority[share[:, num_classes] > 0.5] = ignore_index
+    return majority.flatten(1)
+
+
+class PaumerPolicy(Policy):
+    """Pausing at inference (gather) or in training (mask)."""
+
+    name = "paumer"
+
+    def __init__(self, heads: PausingHeads, tau: Union[float, Sequence[float]] = 0.1,
+                 criterion: str = "entropy", layers: Optional[Sequence[int]] = None,
+                 simulate: bool = False, seed: int = 0):
+        if criterion not in CRITERIA:
+            raise ValueError(f"unknown criterion {criterion!r}; expected one of {', '.join(CRITERIA)}")
+        self.heads = heads
+        self.layers = list(heads.layers if layers is None else layers)
+        missing = [l for l in self.layers if l not in heads.layers]
+        if missing or not self.layers:
+            raise ValueError(f"no pausing head at layer(s) {missing or '[]'}; heads were trained at {heads.layers}")
+        self.taus = resolve_tau(tau, self.layers)
+        self.criterion = criterion
+        self.simulate = simulate  # training: mask instead of gather
+        self.seed = seed
+        self.targets: Optional[Tensor] = None  # (B, N) patch labels, for `oracle`
+        self.head_logits: list[Tensor] = []  # (B, N, C) per pausing layer, in `simulate` mode
+
+    def describe(self) -> dict:
+        return {"tau": self.taus, "layers": self.layers, "criterion": self.criterion}
+
+    # --- the pausing decision -------------------------------------------------------
+    def _pause(self, logits: Tensor, tau: float, rows: Optional[Tensor], state: TokenState) -> Tensor:
+        """Boolean (B, n): which of the given tokens pause at this layer."""
+        pause = pause_scores(logits, self.criterion) < tau
+        if self.criterion == "random":
+            pause = self._random_like(pause)
+        elif self.criterion == "oracle":
+            if self.targets is None:
+                raise ValueError("the oracle criterion needs labels (evaluation only)")
+            target = self.targets.to(logits.device).gather(1, rows) if rows is not None else self.targets
+            pause &= logits.argmax(-1) == target
+        return pause
+
+    def _random_like(self, pause: Tensor) -> Tensor:
+        """As many pauses per image as ``pause`` has, at random positions."""
+        g = torch.Generator(device="cpu").manual_seed(self.seed)
+        self.seed += 1
+        noise = torch.rand(pause.shape, generator=g).to(pause.device)
+        ranks = noise.argsort(1).argsort(1)
+        return ranks < pause.sum(1, keepdim=True)
+
+    def _rows_grid_position(self, state: TokenState) -> Tensor:
+        """(B, n) grid position of each active row (a pausing model never merges)."""
+        B, n = state.x.shape[:2]
+        pos = torch.zeros(B, max(n, 1), dtype=torch.long, device=state.x.device)
+        grid = torch.arange(state.source.shape[1], device=state.x.device).expand_as(state.source)
+        alive = state.source >= 0
+        pos[alive.nonzero(as_tuple=True)[0], state.source[alive]] = grid[alive]
+        return pos[:, :n]
+
+    # --- the hooks --------------------------------------------------------------------
+    def start(self, model, state: TokenState) -> None:
+        self.head_logits = []
+        if self.simulate:
+            self.active = torch.ones(state.x.shape[:2], dtype=torch.bool, device=state.x.device)
+
+    def run_block(self, index: int, block, state: TokenState) -> None:
+        if not self.simulate:
+            return super().run_block(index, block, state)
+        # masked simulation: paused tokens are hidden as keys, their outputs discarded
+        out = block(state.x, attn_mask=self.active[:, None, None, :])
+        state.x = torch.where(self.active[..., None], out, state.x)
+        state.trace.add(("block",), self.active.sum(1))
+
+    def after_block(self, index: int, block, state: TokenState) -> None:
+        if index + 1 not in self.layers:
+            return
+        head = self.heads.head_at(index + 1)
+        tau = self.taus[self.layers.index(index + 1)]
+        logits = head(state.x)
+        state.trace.add(("head",), state.counts() if not self.simulate else self.active.sum(1))
+        if self.simulate:
+            self.head_logits.append(logits)
+            pause = self._pause(logits.detach(), tau, None, state) & self.active
+            state.left_at[pause] = index + 1
+            self.active = self.active & ~pause
+            return
+        if tau <= 0.0:
+            return  # nothing can score below 0: skip the gather, as the baseline would
+        rows = self._rows_grid_position(state) if self.criterion == "oracle" else None
+        pause = self._pause(logits, tau, rows, state)
+        if state.valid is not None:
+            pause &= state.valid
+        if pause.any():
+            state.keep(~pause, layer=index + 1)
+
+    def cost_probe(self, model, key: tuple, n: int):
+        if key != ("head",):
+            return super().cost_probe(model, key, n)
+        head = self.heads.heads[0]  # every head has the same shape
+        p = next(head.parameters())
+        return _HeadScore(head), (torch.zeros(1, n, p.shape[-1], dtype=p.dtype, device=p.device),)
+
+
+class _HeadScore(nn.Module):
+    """What a pausing layer computes per token: head logits and their entropy."""
+
+    def __init__(self, head: nn.Module):
+        super().__init__()
+        self.head = head
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return normalized_entropy(self.head(tokens))
+
+
+def paumer_loss(paumer: PaumerModel, images: Tensor, labels: Tensor, *, tau_max: float = 0.5,
+                head_weight: float = 0.5) -> Tensor:
+    """CE on the final output with pausing simulated at a random tau, plus ``head_weight``
+    x CE of each pausing head against patch-level labels. tau ~ U(0, tau_max) from
+    torch's generator, which training seeds per step (resumable)."""
+    seg = paumer.segmenter
+    tau = float(torch.rand(())) * tau_max
+    policy = PaumerPolicy(paumer.pausing, tau=tau, simulate=True)
+    logits = seg(images, policy)
+    loss = F.cross_entropy(logits, labels, ignore_index=255)
+    target = patch_labels(labels, seg.patch_size, seg.num_classes)
+    for head_logits in policy.head_logits:
+        loss = loss + head_weight * F.cross_entropy(head_logits.flatten(0, 1), target.flatten(), ignore_index=255)
+    return loss
