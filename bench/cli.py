@@ -15,6 +15,7 @@ def common_options(f):
         click.option("--data-root", default=None, help="dataset root (default: the dataset's environment variable or ./data)"),
         click.option("--model", default=None, help="model preset: tiny, vit_tiny, vit_small, vit_base (default: the dataset's)"),
         click.option("--decoder", type=click.Choice(["linear", "mask"]), default=None, help="decoder (default: the dataset's)"),
+        click.option("--depth", type=click.IntRange(min=1), default=None, help="encoder blocks (default: the preset's)"),
         click.option("--pretrained", is_flag=True, help="start from timm's ImageNet weights (needs the network or a warm cache)"),
         click.option("--steps", type=click.IntRange(min=1), default=None, help="training budget in steps (default: the dataset's)"),
         click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N"),
@@ -53,14 +54,19 @@ def cli():
 @click.option("--op", "ops", multiple=True, help="operating point, e.g. 'tau=0.2' (repeatable; default: the method's sweep)")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="evaluate on the first N validation images")
 @click.option("--replace", is_flag=True, help="re-measure operating points already stored")
+@click.option("--timing-images", type=click.IntRange(min=1), default=32, show_default=True,
+              help="pre-loaded validation images that throughput is timed on")
+@click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True,
+              help="timed repeats (median reported), after 2 warm-up passes")
 @common_options
-def run(method, ops, limit, replace, **kw):
+def run(method, ops, limit, replace, timing_images, repeats, **kw):
     """Train (or reuse) the checkpoints, evaluate the method's operating points and the
     baseline in one process, and append the records to the results folder."""
     from bench.runner import get_method, parse_op, run as run_method
 
     spec = get_method(method)
-    opts = _options(method=method, ops=[parse_op(spec, o) for o in ops] or None, limit=limit, replace=replace, **kw)
+    opts = _options(method=method, ops=[parse_op(spec, o) for o in ops] or None, limit=limit, replace=replace,
+                    timing_images=timing_images, repeats=repeats, **kw)
     records = run_method(opts)
     for r in records:
         s = r["speed"]
@@ -68,7 +74,11 @@ def run(method, ops, limit, replace, **kw):
                    f"({100 * r['miou_delta']:+.2f})  GFLOPs {r['gflops']['mean']:7.3f} "
                    f"({100 * (r['gflops_ratio'] - 1):+.1f}%)  "
                    + "  ".join(f"b{b}: {s[b]['throughput']:7.1f} img/s x{s[b]['speedup']:.2f}" for b in s))
-    click.echo(f"{len(records)} record(s) appended to {opts.results}/{opts.dataset}.jsonl")
+    if records:
+        click.echo(f"{len(records)} record(s) appended to {opts.results}/{opts.dataset}.jsonl")
+    else:
+        click.echo(f"nothing to do: every operating point is already in {opts.results}/{opts.dataset}.jsonl "
+                   "for this checkpoint (--replace measures them again)")
 
 
 def _knobs(knobs: dict) -> str:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
+from bench.errors import BenchError
 from bench.metrics import ConfusionMatrix, iou_scores
 from bench.train import normalize
 
@@ -132,6 +133,10 @@ def evaluate(model, policy, dataset, settings: EvalSettings, flop_model, *, num_
     for batch in image_batches(dataset, per_forward, limit):
         images = torch.stack([b[0] for b in batch])
         labels = torch.stack([b[1] for b in batch])
+        if getattr(policy, "needs_labels", False):  # the oracle criterion: evaluation only
+            if settings.mode != "whole" or scale != 1.0:
+                raise BenchError("the oracle criterion supports whole-image evaluation at scale 1 only")
+            policy.pixel_labels = labels.to(settings.device)
         pred = predict(model, policy, images, settings, scale=scale, flop_model=flop_model)
         cm.update(pred.logits.argmax(1).cpu(), labels)
         flops.append(pred.flops)

@@ -118,6 +118,15 @@ class ResultsStore:
 
     # ---- writing -------------------------------------------------------------------
 
+    def check_writable(self) -> None:
+        """Fail early (before hours of training) when results could not be stored."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            with self._lock():
+                pass
+        except OSError as e:
+            raise BenchError(f"cannot write results to folder {self.root}: {e.strerror or e}") from e
+
     def append(self, record: dict, replace: bool = False) -> Path:
         """Stores ``record`` in its dataset's file; returns that file's path."""
         if _missing(record):

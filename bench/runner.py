@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 
 from bench import datasets
@@ -36,6 +37,7 @@ class RunOptions:
     ops: Optional[list] = None  # knob dicts; None = the method's default sweep
     model: Optional[str] = None  # model preset; None = the dataset's
     decoder: Optional[str] = None
+    depth: Optional[int] = None  # encoder blocks; None = the preset's (the depth study cuts it)
     pretrained: bool = False
     data_root: Optional[str] = None
     checkpoints: str = "checkpoints"
@@ -107,6 +109,8 @@ def environment(device: str, threads: int) -> dict:
 def train_config(opts: RunOptions, spec: datasets.DatasetSpec, method: str = "baseline", **over) -> TrainConfig:
     p = spec.preset
     overrides = {"decoder": opts.decoder or p.decoder}
+    if opts.depth is not None:
+        overrides["depth"] = opts.depth
     return TrainConfig(dataset=spec.name, num_classes=spec.num_classes, model=opts.model or p.model,
                        model_overrides=overrides, method=method, pretrained=opts.pretrained,
                        steps=opts.steps or p.steps, batch_size=p.batch_size, lr=p.lr,
@@ -167,6 +171,7 @@ def run(opts: RunOptions) -> list[dict]:
     torch.set_num_threads(opts.threads)
     torch.manual_seed(opts.seed)
     store = ResultsStore(opts.results)
+    store.check_writable()
     ops = opts.ops if opts.ops is not None else method.default_ops
     val = datasets.open_dataset(opts.dataset, spec.preset.val_split, opts.data_root)
 
@@ -184,11 +189,10 @@ def run(opts: RunOptions) -> list[dict]:
         except (TypeError, ValueError) as e:
             raise BenchError(f"bad operating point {knobs} for {method.name}: {e}") from None
     checkpoint = payload.get("weights")
-    done = [k for k, _, _ in policies
-            if store.exists(_identity(method.name, k, spec, checkpoint)) and not opts.replace]
-    if done:
-        raise BenchError(f"{opts.results} already holds {method.name} results for {done[0]} with this checkpoint; "
-                         "pass --replace to measure them again")
+    if not opts.replace:  # resume: operating points already stored are not measured again
+        policies = [p for p in policies if not store.exists(_identity(method.name, p[0], spec, checkpoint))]
+    if not policies:
+        return []
 
     model.to(opts.device).eval()
     base_model.to(opts.device).eval()
@@ -249,7 +253,23 @@ def run(opts: RunOptions) -> list[dict]:
         records.append(record)
     for record in records:
         store.append(record, replace=opts.replace)
+    if method.map_ops:
+        write_maps(opts, method, spec, trained, model, val)
     return records
+
+
+def write_maps(opts: RunOptions, method: MethodSpec, spec, trained, model, val, count: int = 4) -> Path:
+    """Where the method spent compute on a few validation images, next to the results."""
+    from bench.figures import pause_maps
+
+    runs = [(" ".join(f"{k}={v}" for k, v in knobs.items()), method.make_policy(trained, **knobs))
+            for knobs in method.map_ops]
+    indices = list(range(0, min(len(val), 4 * count), 4))[:count]
+    palette = getattr(val, "palette", None) or [tuple(np.random.default_rng(c).integers(0, 255, 3))
+                                                 for c in range(spec.num_classes)]
+    path = Path(opts.results) / "figures" / f"{spec.name}-{method.name}-compute-maps"
+    return pause_maps(model, runs, val, indices, path, palette=palette, depth=model.depth,
+                      title=f"{method.name} on {spec.name}: prediction and the block after which each patch left")
 
 
 def _identity(method: str, knobs: dict, spec, checkpoint) -> str:

@@ -30,6 +30,7 @@ class MethodSpec:
     knob_types: dict = field(default_factory=dict)  # knob -> type ([type]: always a list), for --op
     input_scale: Callable[[dict], float] = lambda knobs: 1.0
     fine_tune: Optional[FineTune] = None  # None: the method runs on the baseline's weights
+    map_ops: list = field(default_factory=list)  # operating points drawn in the compute-map figure
 
 
 def _baseline(model=None) -> Policy:
@@ -65,5 +66,6 @@ METHODS: dict[str, MethodSpec] = {
                 m, images, labels, tau_max=tau_max, head_weight=head_weight),
             knobs={"tau_max": 0.5, "head_weight": 0.5},
         ),
+        map_ops=[{"tau": 0.1}, {"tau": 0.3}],
     ),
 }

@@ -127,7 +127,12 @@ class PaumerPolicy(Policy):
         self.simulate = simulate  # training: mask instead of gather
         self.seed = seed
         self.targets: Optional[Tensor] = None  # (B, N) patch labels, for `oracle`
+        self.pixel_labels: Optional[Tensor] = None  # set by the protocol when `needs_labels`
         self.head_logits: list[Tensor] = []  # (B, N, C) per pausing layer, in `simulate` mode
+
+    @property
+    def needs_labels(self) -> bool:
+        return self.criterion == "oracle"
 
     def describe(self) -> dict:
         return {"tau": self.taus, "layers": self.layers, "criterion": self.criterion}
@@ -165,6 +170,8 @@ class PaumerPolicy(Policy):
     # --- the hooks --------------------------------------------------------------------
     def start(self, model, state: TokenState) -> None:
         self.head_logits = []
+        if self.pixel_labels is not None:
+            self.targets = patch_labels(self.pixel_labels, model.patch_size, model.num_classes)
         if self.simulate:
             self.active = torch.ones(state.x.shape[:2], dtype=torch.bool, device=state.x.device)
 

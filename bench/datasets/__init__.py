@@ -39,6 +39,8 @@ class DatasetSpec:
     default_root: str
     open_split: Callable  # (split, root) -> torch Dataset; raises BenchError when malformed
     description: str = ""
+    # (root) -> {split: count} without loading everything; None: open each split
+    count_splits: Optional[Callable] = None
 
     @property
     def num_classes(self) -> int:
@@ -56,6 +58,15 @@ def _open_synthetic(split: str, root: Path):
     return SyntheticDataset(split, root)
 
 
+def _count_synthetic(root: Path) -> dict:
+    from bench.datasets.synthetic import SPLITS, VERSION
+
+    cached = {s: SPLITS[s][1] for s in ("train", "val") if (root / VERSION / f"{s}.npz").exists()}
+    if len(cached) < 2:
+        raise BenchError(f"not generated yet under {root / VERSION}; made on first use (about a minute)")
+    return cached
+
+
 def _synthetic_classes() -> tuple[str, ...]:
     from bench.datasets.synthetic import CLASSES
 
@@ -71,6 +82,7 @@ DATASETS: dict[str, DatasetSpec] = {
         default_root="data",
         open_split=_open_synthetic,
         description="generated street scenes, 128x128 (cached on first use)",
+        count_splits=_count_synthetic,
     ),
 }
 
@@ -92,8 +104,11 @@ def dataset_status(name: str, root: Optional[str] = None) -> dict:
     where = spec.root(root)
     status = {"name": name, "root": str(where), "env": spec.root_env, "found": False, "splits": {}, "problem": None}
     try:
-        for split in ("train", spec.preset.val_split):
-            status["splits"][split] = len(spec.open_split(split, where))
+        if spec.count_splits is not None:
+            status["splits"] = spec.count_splits(where)
+        else:
+            for split in ("train", spec.preset.val_split):
+                status["splits"][split] = len(spec.open_split(split, where))
         status["found"] = True
     except BenchError as e:
         status["problem"] = str(e)
