@@ -43,10 +43,10 @@ def _static(model=None, scale: float = 1.0) -> Policy:
     return Policy()
 
 
-def _paumer(trained, tau=0.1, criterion="entropy", layers=None) -> Policy:
+def _paumer(trained, tau=0.1, criterion="entropy", layers=None, batching="pad") -> Policy:
     if not isinstance(trained, paumer.PaumerModel):
         raise ValueError("paumer needs its fine-tuned checkpoint (PaumerModel)")
-    return paumer.PaumerPolicy(trained.pausing, tau=tau, criterion=criterion, layers=layers)
+    return paumer.PaumerPolicy(trained.pausing, tau=tau, criterion=criterion, layers=layers, batching=batching)
 
 
 METHODS: dict[str, MethodSpec] = {
@@ -59,7 +59,7 @@ METHODS: dict[str, MethodSpec] = {
     "paumer": MethodSpec(
         "paumer", "patches with a confident intermediate prediction pause (skip later blocks)", _paumer,
         [{"tau": t} for t in (0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5)],
-        knob_types={"tau": float, "criterion": str, "layers": [int]},
+        knob_types={"tau": float, "criterion": str, "layers": [int], "batching": str},
         fine_tune=FineTune(
             build=lambda seg, layers=None, **_: paumer.PaumerModel(seg, layers),
             loss=lambda m, images, labels, tau_max=0.5, head_weight=0.5, **_: paumer.paumer_loss(

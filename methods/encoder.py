@@ -8,9 +8,12 @@ it left (``source[b, p] == -1``). ``TokenState.to_grid`` puts every token back o
 grid position before the decoder. The baseline is ``Policy`` itself: it does nothing.
 
 Images of one batch may keep different numbers of tokens. Active rows are then padded
-to the batch maximum and ``valid`` marks the real ones; blocks see a key-padding mask,
-so a padded row is never attended to. A batch where every image keeps the same number
-of tokens (always the case at batch 1) runs with no mask: exactly the baseline's path.
+to the batch maximum and ``valid`` marks the real ones. How a block runs on such a
+ragged batch is the policy's ``batching``: "pad" runs timm's block on the padded batch
+with a key-padding mask (padded rows are computed and thrown away); "packed" runs the
+block's linear layers on the real rows only and attention image by image
+(``packed_block``). A batch where every image keeps the same number of tokens (always
+the case at batch 1) runs with no mask either way: exactly the baseline's path.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -105,16 +109,44 @@ class TokenState:
         return torch.where((self.source >= 0)[..., None], active, self.parked)
 
 
+def packed_block(block, x: Tensor, valid: Tensor) -> Tensor:
+    """timm ``Block`` forward on the real rows of a padded batch, without computing the
+    padding: linear layers and norms on the packed (T, D) rows, attention per image.
+
+    Modifications vs timm's ``Block.forward``: tokens packed, attention per image
+    segment (no mask needed); no gating / attention dropout (inference path).
+    """
+    attn = block.attn
+    rows = x[valid]  # (T, D), image by image
+    T = rows.shape[0]
+    qkv = attn.qkv(block.norm1(rows)).reshape(T, 3, attn.num_heads, attn.head_dim).permute(1, 2, 0, 3)
+    q, k, v = qkv.unbind(0)  # (heads, T, head_dim)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    segments = valid.sum(1).tolist()
+    out = torch.cat([F.scaled_dot_product_attention(qs, ks, vs)
+                     for qs, ks, vs in zip(q.split(segments, 1), k.split(segments, 1), v.split(segments, 1))], 1)
+    out = attn.proj(attn.norm(out.transpose(0, 1).reshape(T, attn.attn_dim)))
+    rows = rows + block.drop_path1(block.ls1(out))
+    rows = rows + block.drop_path2(block.ls2(block.mlp(block.norm2(rows))))
+    result = torch.zeros_like(x)
+    result[valid] = rows
+    return result
+
+
 class Policy:
     """The full model: every block processes every token. Methods override the hooks."""
 
     name = "baseline"
+    batching = "pad"  # or "packed": how blocks run on batches with ragged token counts
 
     def start(self, model, state: TokenState) -> None:
         """Called once after the patch embedding, before block 0."""
 
     def run_block(self, index: int, block, state: TokenState) -> None:
-        state.x = block(state.x, attn_mask=state.key_mask())
+        if state.valid is not None and self.batching == "packed":
+            state.x = packed_block(block, state.x, state.valid)
+        else:
+            state.x = block(state.x, attn_mask=state.key_mask())
         state.trace.add(("block",), state.counts())
 
     def after_block(self, index: int, block, state: TokenState) -> None:

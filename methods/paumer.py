@@ -114,9 +114,12 @@ class PaumerPolicy(Policy):
 
     def __init__(self, heads: PausingHeads, tau: Union[float, Sequence[float]] = 0.1,
                  criterion: str = "entropy", layers: Optional[Sequence[int]] = None,
-                 simulate: bool = False, seed: int = 0):
+                 batching: str = "pad", simulate: bool = False, seed: int = 0):
         if criterion not in CRITERIA:
             raise ValueError(f"unknown criterion {criterion!r}; expected one of {', '.join(CRITERIA)}")
+        if batching not in ("pad", "packed"):
+            raise ValueError(f"unknown batching {batching!r}; expected 'pad' or 'packed'")
+        self.batching = batching
         self.heads = heads
         self.layers = list(heads.layers if layers is None else layers)
         missing = [l for l in self.layers if l not in heads.layers]

@@ -80,3 +80,15 @@ def test_trace_counts_follow_the_policy(small_model):
     assert state.trace.tokens[:, :2].tolist() == [[16, 16], [16, 16]]
     assert state.trace.tokens[:, 2].tolist() == kept.tolist()
     assert state.trace.tokens[:, 3].tolist() == kept.tolist()
+
+
+def test_packed_blocks_equal_padded_blocks(small_model):
+    images = torch.randn(3, 3, 32, 32)
+    padded, packed = DropSome(layer=0), DropSome(layer=0)
+    packed.batching = "packed"
+    with torch.inference_mode():
+        a, sa = small_model.forward_state(images, padded)
+        b, sb = small_model.forward_state(images, packed)
+    assert sa.valid is not None
+    assert torch.equal(sa.trace.tokens, sb.trace.tokens)
+    assert (a - b).abs().max() < 1e-5
