@@ -149,8 +149,8 @@ class FlopModel:
         ``trace`` may also be the TokenState that holds it. Every image has size ``image_hw``.
         """
         trace = getattr(trace, "trace", trace)
-        fixed = self.embed_flops(image_hw) + self.decode_flops(image_hw)
-        total = torch.full((trace.tokens.shape[0],), fixed, dtype=torch.long)
+        decoded = trace.decoded if trace.decoded is not None else torch.ones(trace.tokens.shape[0], dtype=torch.bool)
+        total = self.embed_flops(image_hw) + self.decode_flops(image_hw) * decoded.long()
         for key, counts in trace.items:
             total += torch.tensor([self.cost(key, n) for n in counts.tolist()], dtype=torch.long)
         return total

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from methods import paumer
+from methods import early_exit, paumer, tome
 from methods.encoder import Policy
 
 
@@ -49,6 +49,16 @@ def _paumer(trained, tau=0.1, criterion="entropy", layers=None, batching="pad") 
     return paumer.PaumerPolicy(trained.pausing, tau=tau, criterion=criterion, layers=layers, batching=batching)
 
 
+def _tome(model, r=0, schedule="constant") -> Policy:
+    return tome.ToMePolicy(getattr(model, "segmenter", model).depth, r=r, schedule=schedule)
+
+
+def _early_exit(trained, threshold=0.9, mode="token", batching="pad") -> Policy:
+    if not isinstance(trained, early_exit.EarlyExitModel):
+        raise ValueError("early-exit needs its fine-tuned checkpoint (EarlyExitModel)")
+    return early_exit.EarlyExitPolicy(trained.heads, threshold=threshold, mode=mode, batching=batching)
+
+
 METHODS: dict[str, MethodSpec] = {
     "baseline": MethodSpec("baseline", "Segmenter, every token through every block", _baseline, [{}]),
     "static": MethodSpec(
@@ -67,5 +77,24 @@ METHODS: dict[str, MethodSpec] = {
             knobs={"tau_max": 0.5, "head_weight": 0.5},
         ),
         map_ops=[{"tau": 0.1}, {"tau": 0.3}],
+    ),
+    "tome": MethodSpec(
+        "tome", "token merging (bipartite soft matching) in every block, unmerged before the decoder", _tome,
+        # r merged per block; 36 is the largest constant r for `tiny` on 128x128 (256 tokens, 6 blocks)
+        [{"r": r} for r in (0, 8, 16, 24, 32, 36)],
+        knob_types={"r": int, "schedule": str},
+    ),
+    "early-exit": MethodSpec(
+        "early-exit", "confident tokens (mode=token) or images (mode=image) exit with an intermediate head's label",
+        _early_exit,
+        [{"mode": m, "threshold": t} for m in early_exit.MODES for t in (1.0, 0.99, 0.97, 0.95, 0.9, 0.8)],
+        knob_types={"threshold": float, "mode": str, "batching": str},
+        fine_tune=FineTune(
+            build=lambda seg, layers=None, **_: early_exit.EarlyExitModel(seg, layers),
+            loss=lambda m, images, labels, head_weight=0.5, **_: early_exit.early_exit_loss(
+                m, images, labels, head_weight=head_weight),
+            knobs={"head_weight": 0.5},
+        ),
+        map_ops=[{"mode": "token", "threshold": 0.95}, {"mode": "token", "threshold": 0.9}],
     ),
 }

@@ -37,6 +37,7 @@ class ComputeTrace:
 
     tokens: Tensor
     items: list[tuple[tuple, Tensor]] = field(default_factory=list)
+    decoded: Optional[Tensor] = None  # (B,) bool: images the decoder ran for; None: all
 
     def add(self, key: tuple, counts: Tensor) -> None:
         self.items.append((key, counts.detach().to("cpu", torch.long)))
@@ -151,6 +152,11 @@ class Policy:
 
     def after_block(self, index: int, block, state: TokenState) -> None:
         """Called after block ``index``: select, pause, merge or exit tokens here."""
+
+    def decodes(self, state: TokenState) -> Optional[Tensor]:
+        """(B,) bool: images the decoder runs for (None: all); the others' logits reach
+        ``finish`` as zeros (image early exit labels them itself)."""
+        return None
 
     def finish(self, logits: Tensor, state: TokenState) -> Tensor:
         """Last word on the decoder's logits (early exit overrides exited pixels)."""

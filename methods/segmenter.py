@@ -159,7 +159,14 @@ class Segmenter(nn.Module):
         policy = policy or Policy()
         tokens, grid = self.embed(images)
         state = run_encoder(self.blocks, tokens, grid, policy, model=self)
-        logits = self.decode(state.to_grid(), grid, images.shape[-2:])
+        tokens, decode = state.to_grid(), policy.decodes(state)
+        if decode is None:
+            logits = self.decode(tokens, grid, images.shape[-2:])
+        else:
+            logits = tokens.new_zeros(tokens.shape[0], self.num_classes, *images.shape[-2:])
+            if decode.any():
+                logits[decode] = self.decode(tokens[decode], grid, images.shape[-2:])
+            state.trace.decoded = decode.cpu()
         return policy.finish(logits, state), state
 
     def forward(self, images: Tensor, policy: Optional[Policy] = None) -> Tensor:

@@ -98,7 +98,7 @@ def test_unwritable_results_folder_is_one_line_error(capsys, tmp_path, toy):
 def test_console_script_prints_no_traceback():
     out = subprocess.run([sys.executable, "-m", "bench.cli", "run", "--method", "nope"], capture_output=True, text=True)
     assert out.returncode == 2
-    assert out.stderr.strip() == "error: unknown method 'nope'; expected one of: baseline, static, paumer"
+    assert out.stderr.strip() == "error: unknown method 'nope'; expected one of: baseline, static, paumer, tome, early-exit"
 
 
 def test_paumer_run_fine_tunes_from_the_baseline_and_draws_maps(capsys, tmp_path, toy):

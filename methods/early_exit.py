@@ -1,0 +1,192 @@
+"""Early exit: a confident intermediate prediction is the final one.
+
+Heads (LayerNorm + Linear to C classes, PAUMER's ``PausingHeads``) sit after the same
+blocks as PAUMER's. A head's confidence in a token is its max softmax probability.
+Two modes, one ``threshold`` in [0, 1]; a test passes where confidence > threshold
+(strictly, so threshold 1 never exits: the baseline's output; threshold 0 exits all):
+
+  token  a token whose confidence passes exits: it leaves the active set (a real
+         gather, ``TokenState.keep``) and its head's logits become its pixels' final
+         logits, nearest-upsampled, so every pixel of the patch takes the head's label.
+         The decoder still runs on the full grid, exited tokens parked as they left: it
+         labels the other patches (for the mask decoder the exited ones are context),
+         and its cost is counted for every image: the price of this variant.
+  image  an image exits at the first head where the mean confidence over its tokens
+         passes: all its tokens leave, no later block runs for it, and its prediction is
+         that head's logits, bilinearly upsampled (as the decoder's). The decoder still
+         runs (and is counted) for it, its output then discarded: ``Segmenter`` has no way
+         to skip decoding for some images of a batch yet.
+
+Unlike PAUMER (whose paused tokens re-join and are labelled by the decoder), an exited
+token's label is final. Compute trace: ("head",) at each exit layer on the tokens still
+active (head + log-softmax), ("paint", H, W) for each image with exited pixels (the
+upsampling in ``finish``).
+
+Training (``early_exit_loss``) fine-tunes backbone and heads together on PAUMER's
+budget, with no exit simulated: CE on the final output plus weighted CE of each head
+against patch labels (PAUMER's loss without the pausing). The backbone trains because
+that is what PAUMER gets (the same budget buys the same freedom) and what lets the
+intermediate features become linearly decodable; with it frozen the final-output term
+would be a constant. So threshold 1 reproduces the fine-tuned model, not the baseline.
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from methods.encoder import Policy, TokenState
+from methods.paumer import PausingHeads, check_layers, default_layers, patch_labels
+
+MODES = ("token", "image")
+UPSAMPLE = {"token": "nearest", "image": "bilinear"}
+
+
+def confidence(logits: Tensor) -> Tensor:
+    """Max softmax probability over the last dim (via log-softmax, which the FLOP model
+    prices at C flops per token, as PAUMER's entropy)."""
+    return F.log_softmax(logits, dim=-1).amax(-1).exp()
+
+
+def paint(logits: Tensor, head_logits: Tensor, where: Tensor, mode: str) -> Tensor:
+    """Decoder logits (B, C, H, W) with the patch-level ``head_logits`` (B, C, gh, gw),
+    upsampled by ``mode``, wherever ``where`` (B, 1, gh, gw), nearest-upsampled, is True."""
+    size = logits.shape[-2:]
+    head = F.interpolate(head_logits, size=size, mode=mode, **({} if mode == "nearest" else {"align_corners": False}))
+    mask = F.interpolate(where.to(logits.dtype), size=size, mode="nearest") > 0.5
+    return torch.where(mask, head, logits)
+
+
+class EarlyExitModel(nn.Module):
+    """A Segmenter plus its exit heads: what early exit fine-tunes and checkpoints."""
+
+    def __init__(self, segmenter: nn.Module, layers: Optional[Sequence[int]] = None):
+        super().__init__()
+        layers = list(layers) if layers is not None else default_layers(segmenter.depth)
+        check_layers(layers, segmenter.depth)
+        self.segmenter = segmenter
+        self.heads = PausingHeads(segmenter.config.embed_dim, segmenter.num_classes, layers)
+
+    def forward(self, images: Tensor, policy: Optional[Policy] = None) -> Tensor:
+        return self.segmenter(images, policy)
+
+
+class EarlyExitPolicy(Policy):
+    """Token or image early exit at inference (gather)."""
+
+    name = "early-exit"
+
+    def __init__(self, heads: PausingHeads, threshold: float = 0.9, mode: str = "token", batching: str = "pad"):
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
+        if batching not in ("pad", "packed"):
+            raise ValueError(f"unknown batching {batching!r}; expected 'pad' or 'packed'")
+        self.batching = batching
+        threshold = float(threshold)
+        if not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+        self.heads, self.threshold, self.mode = heads, threshold, mode
+        # per forward, set in `start`: where each grid position exited, with what logits
+        self.exited: Optional[Tensor] = None  # (B, N) bool
+        self.head_logits: Optional[Tensor] = None  # (B, N, C) the exit head's, at exited positions
+        self.exit_layer: Optional[Tensor] = None  # (B,) image mode: layer each image exited at (depth: never)
+
+    def describe(self) -> dict:
+        return {"threshold": self.threshold, "mode": self.mode, "layers": self.heads.layers}
+
+    def start(self, model, state: TokenState) -> None:
+        B, N, _ = state.x.shape
+        self.exited = torch.zeros(B, N, dtype=torch.bool, device=state.x.device)
+        self.head_logits = state.x.new_zeros(B, N, model.num_classes)
+        self.exit_layer = torch.full((B,), model.depth, dtype=torch.long)
+
+    def after_block(self, index: int, block, state: TokenState) -> None:
+        head = self.heads.head_at(index + 1)
+        if head is None or state.x.shape[1] == 0:
+            return
+        logits = head(state.x)
+        state.trace.add(("head",), state.counts())
+        conf = confidence(logits)
+        valid = state.valid if state.valid is not None else torch.ones_like(conf, dtype=torch.bool)
+        if self.mode == "token":
+            leave = (conf > self.threshold) & valid
+        else:
+            mean = (conf * valid).sum(1) / valid.sum(1).clamp(min=1)
+            gone = valid.any(1) & (mean > self.threshold)
+            self.exit_layer[gone.cpu()] = index + 1
+            leave = gone[:, None] & valid
+        if not leave.any():
+            return
+        # row -> grid position: which positions leave, and their head logits
+        rows = state.source.clamp(min=0)
+        at_grid = leave.gather(1, rows) & (state.source >= 0)
+        grid_logits = logits.gather(1, rows[..., None].expand(-1, -1, logits.shape[-1]))
+        self.head_logits = torch.where(at_grid[..., None], grid_logits, self.head_logits)
+        self.exited |= at_grid
+        state.keep(~leave, layer=index + 1)
+
+    def decodes(self, state: TokenState) -> Optional[Tensor]:
+        return None if self.mode == "token" else (self.exit_layer == len(state.trace.tokens[0])).to(state.x.device)
+
+    def finish(self, logits: Tensor, state: TokenState) -> Tensor:
+        if not self.exited.any():
+            return logits
+        B, C = logits.shape[:2]
+        head = self.head_logits.transpose(1, 2).reshape(B, C, *state.grid)
+        out = paint(logits, head, self.exited.reshape(B, 1, *state.grid), UPSAMPLE[self.mode])
+        state.trace.add(("paint", *logits.shape[-2:]), self.exited.any(1))
+        return out
+
+    def cost_probe(self, model, key: tuple, n: int):
+        p = next(self.heads.parameters())
+        if key == ("head",):
+            head = self.heads.heads[0]  # every head has the same shape
+            return _HeadConfidence(head), (torch.zeros(1, n, p.shape[-1], dtype=p.dtype, device=p.device),)
+        if key[0] == "paint":  # n = 1: the image had exited pixels
+            H, W = key[1:]
+            gh, gw = model.grid_size(H, W)
+            C = model.num_classes
+            inputs = (torch.zeros(1, C, H, W, dtype=p.dtype, device=p.device),
+                      torch.zeros(1, C, gh, gw, dtype=p.dtype, device=p.device),
+                      torch.ones(1, 1, gh, gw, dtype=torch.bool, device=p.device))
+            return partial(paint, mode=UPSAMPLE[self.mode]), inputs
+        return super().cost_probe(model, key, n)
+
+
+class _HeadConfidence(nn.Module):
+    """What an exit layer computes per token: head logits and their confidence."""
+
+    def __init__(self, head: nn.Module):
+        super().__init__()
+        self.head = head
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return confidence(self.head(tokens))
+
+
+class _HeadOutputs(Policy):
+    """Training: every token through every block; keeps each head's logits."""
+
+    def __init__(self, heads: PausingHeads):
+        self.heads = heads
+        self.logits: list[Tensor] = []
+
+    def after_block(self, index: int, block, state: TokenState) -> None:
+        head = self.heads.head_at(index + 1)
+        if head is not None:
+            self.logits.append(head(state.x))
+
+
+def early_exit_loss(model: EarlyExitModel, images: Tensor, labels: Tensor, *, head_weight: float = 0.5) -> Tensor:
+    """CE on the final output plus ``head_weight`` x CE of each exit head against
+    patch-level labels (majority class per patch)."""
+    seg = model.segmenter
+    policy = _HeadOutputs(model.heads)
+    loss = F.cross_entropy(seg(images, policy), labels, ignore_index=255)
+    target = patch_labels(labels, seg.patch_size, seg.num_classes).flatten()
+    for head_logits in policy.logits:
+        loss = loss + head_weight * F.cross_entropy(head_logits.flatten(0, 1), target, ignore_index=255)
+    return loss

@@ -1,0 +1,201 @@
+"""ToMe: token merging by bipartite soft matching (Bolya et al., ICLR 2023).
+
+In every block, between attention and MLP, ``r`` tokens merge into others:
+
+1. the tokens alternate into two sets, A (even rows) and B (odd rows);
+2. every A token finds its most similar B token, by cosine similarity of the block's
+   attention keys averaged over heads;
+3. the r A tokens with the most similar match merge into it (size-weighted average;
+   a row's *size* is how many patches it stands for).
+
+Attention is *proportional*: log(size) of each key is added to the logits, so a row of
+size s weighs as s identical tokens would. Before the decoder every grid position gets
+back the row its patch was merged into (``TokenState.to_grid`` through ``source``).
+Training-free: it runs on the baseline's weights. Every image of a batch merges the same
+``r`` per block, so shapes stay fixed and no padding is needed.
+
+The algorithm is the pure functions ``r_schedule``, ``tokens_per_block``,
+``bipartite_soft_matching``, ``merge_wavg``, ``proportional_attention``; ``tome_block``
+runs one timm ``Block`` with them; ``ToMePolicy`` plugs that into the encoder loop.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from methods.encoder import Policy, TokenState
+
+SCHEDULES = ("constant", "decreasing")
+
+
+def r_schedule(r: Union[int, Sequence[int]], depth: int, schedule: str = "constant") -> list[int]:
+    """Tokens merged in each of ``depth`` blocks.
+
+    ``r`` is an int or a list with one value per block. ``constant``: r in every block;
+    ``decreasing`` (ToMe's schedule, inflection -1): 2r in the first block, falling
+    linearly to 0 in the last, about as many merges in all as ``constant``.
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; expected one of {', '.join(SCHEDULES)}")
+    if isinstance(r, (list, tuple)):
+        if schedule != "constant":
+            raise ValueError(f"a per-block r list takes no {schedule!r} schedule")
+        if len(r) != depth:
+            raise ValueError(f"r has {len(r)} values for {depth} blocks")
+        rs = list(r)
+    else:
+        rs = [r]
+    if any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in rs):
+        raise ValueError(f"r must be a non-negative integer (or one per block), got {r!r}")
+    if not isinstance(r, (list, tuple)):
+        if schedule == "decreasing":  # ToMe's parse_r with inflect = -1
+            step = -2 * r / max(depth - 1, 1)
+            rs = [int(2 * r + step * i) for i in range(depth)]
+        else:
+            rs = [r] * depth
+    return rs
+
+
+def tokens_per_block(n: int, rs: Sequence[int]) -> list[int]:
+    """Tokens entering each block when a forward starts with ``n``; a block may merge at
+    most half of its tokens (|A| >= r, and ToMe's matching needs r <= n // 2)."""
+    counts = []
+    for i, r in enumerate(rs):
+        if r > n // 2:
+            raise ValueError(f"r={r} in block {i + 1} of {len(rs)} is more than half of its {n} tokens "
+                             f"(at most {n // 2}); lower r or use larger images")
+        counts.append(n)
+        n -= r
+    return counts
+
+
+def bipartite_soft_matching(metric: Tensor, r: int) -> Tensor:
+    """ToMe's matching on ``metric`` (B, n, d) -> ``dest`` (B, n) long: the row, among
+    the n - r merged rows, that each token goes to (rows with one dest merge).
+
+    Merged rows are in ToMe's order: the A tokens that stay (most similar match first),
+    then every B token in its order. ``r`` must be in [0, n // 2].
+    """
+    B, n, _ = metric.shape
+    metric = F.normalize(metric, dim=-1)
+    a, b = metric[:, ::2], metric[:, 1::2]
+    best, match = (a @ b.transpose(1, 2)).max(-1)  # (B, |A|): each A token's best B token
+    rank = best.argsort(-1, descending=True).argsort(-1)  # 0 = most similar A token
+    kept = a.shape[1] - r  # A tokens that stay
+    dest = torch.empty(B, n, dtype=torch.long, device=metric.device)
+    dest[:, ::2] = torch.where(rank < r, kept + match, rank - r)
+    dest[:, 1::2] = kept + torch.arange(b.shape[1], device=metric.device)
+    return dest
+
+
+def merge_wavg(x: Tensor, dest: Tensor, size: Optional[Tensor], n_out: int) -> tuple[Tensor, Tensor]:
+    """Rows of ``x`` (B, n, D) with the same ``dest`` become their size-weighted average.
+
+    ``size`` (B, n) is how many patches each row stands for (None: all 1). Returns the
+    merged rows (B, n_out, D) and their sizes (B, n_out), the sums of the merged sizes.
+    """
+    B, n, D = x.shape
+    if size is None:
+        size = x.new_ones(B, n)
+    total = x.new_zeros(B, n_out, D).scatter_add_(1, dest[..., None].expand(B, n, D), x * size[..., None])
+    new_size = size.new_zeros(B, n_out).scatter_add_(1, dest, size)
+    return total / new_size[..., None], new_size
+
+
+def proportional_attention(q: Tensor, k: Tensor, v: Tensor, size: Optional[Tensor],
+                           dropout_p: float = 0.0) -> Tensor:
+    """softmax(q k^T / sqrt(d) + log size) v for q, k, v (B, heads, n, d) and key sizes
+    (B, n); ``size`` None: plain attention. The log size is an additive float mask."""
+    mask = None if size is None else size.log().to(q.dtype)[:, None, None, :]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+
+
+def attention(attn: nn.Module, x: Tensor, size: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """timm ``Attention.forward`` (fused path), from its submodules.
+
+    Modifications:
+     - proportional attention: log(size) of each key is added to the logits;
+     - also returns the matching metric: the keys averaged over heads, (B, n, head_dim).
+    """
+    B, n, _ = x.shape
+    qkv = attn.qkv(x).reshape(B, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    out = proportional_attention(q, k, v, size, attn.attn_drop.p if attn.training else 0.0)
+    out = attn.norm(out.transpose(1, 2).reshape(B, n, attn.attn_dim))
+    if getattr(attn, "gate", None) is not None:
+        out = out * attn.gate(x).sigmoid()
+    return attn.proj_drop(attn.proj(out)), k.mean(1)
+
+
+def tome_block(block: nn.Module, x: Tensor, size: Optional[Tensor], r: int,
+               prop_attn: bool = True) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+    """timm ``Block.forward`` with ToMe's merge between attention and MLP.
+
+    Modifications:
+     - attention is proportional to the token sizes (``prop_attn``) and also gives the
+       keys averaged over heads;
+     - after the attention residual, ``r`` tokens merge (``bipartite_soft_matching`` on
+       those keys, ``merge_wavg``), so the MLP runs on n - r tokens.
+
+    Returns (x, size, dest): ``dest`` (B, n) maps old rows to merged rows; with r == 0
+    nothing merges and ``size`` and ``dest`` come back unchanged / None.
+    """
+    y, metric = attention(block.attn, block.norm1(x), size if prop_attn else None)
+    x = x + block.drop_path1(block.ls1(y))
+    dest = None
+    if r > 0:
+        dest = bipartite_soft_matching(metric, r)
+        x, size = merge_wavg(x, dest, size, x.shape[1] - r)
+    x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+    return x, size, dest
+
+
+class ToMeBlock(nn.Module):
+    """One block merging ``r`` tokens of unit size: the cost probe of ("tome_block", r)."""
+
+    def __init__(self, block: nn.Module, r: int):
+        super().__init__()
+        self.block, self.r = block, r
+
+    def forward(self, x: Tensor) -> Tensor:
+        return tome_block(self.block, x, None, self.r)[0]
+
+
+class ToMePolicy(Policy):
+    """Merges ``r`` tokens in every block (or one r per block, or ToMe's decreasing
+    schedule). ``state.size`` stays None (every row one patch) until the first merge."""
+
+    name = "tome"
+
+    def __init__(self, depth: int, r: Union[int, Sequence[int]] = 0, schedule: str = "constant",
+                 prop_attn: bool = True):
+        self.rs = r_schedule(r, depth, schedule)
+        self.r, self.schedule, self.prop_attn = r, schedule, prop_attn
+
+    def describe(self) -> dict:
+        return {"r": self.r, "schedule": self.schedule, "r_per_block": self.rs}
+
+    def start(self, model, state: TokenState) -> None:
+        if state.valid is not None:
+            raise ValueError("tome needs every image of a batch to have the same tokens")
+        tokens_per_block(state.x.shape[1], self.rs)  # refuse an r too large for this image
+
+    def run_block(self, index: int, block, state: TokenState) -> None:
+        r = self.rs[index]
+        counts = state.counts()
+        state.x, state.size, dest = tome_block(block, state.x, state.size, r, self.prop_attn)
+        if dest is not None:  # every grid position follows its row to the merged row
+            source = state.source
+            state.source = torch.where(source >= 0, dest.gather(1, source.clamp(min=0)), -1)
+        state.trace.add(("tome_block", r), counts)
+
+    def cost_probe(self, model, key: tuple, n: int):
+        if key[0] != "tome_block":
+            return super().cost_probe(model, key, n)
+        p = next(model.parameters())
+        x = torch.zeros(1, n, model.config.embed_dim, dtype=p.dtype, device=p.device)
+        return ToMeBlock(model.blocks[0], key[1]), (x,)  # every block has the same shape
