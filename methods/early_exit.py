@@ -13,9 +13,8 @@ Two modes, one ``threshold`` in [0, 1]; a test passes where confidence > thresho
          and its cost is counted for every image: the price of this variant.
   image  an image exits at the first head where the mean confidence over its tokens
          passes: all its tokens leave, no later block runs for it, and its prediction is
-         that head's logits, bilinearly upsampled (as the decoder's). The decoder still
-         runs (and is counted) for it, its output then discarded: ``Segmenter`` has no way
-         to skip decoding for some images of a batch yet.
+         that head's logits, bilinearly upsampled (as the decoder's). The decoder does
+         not run for it (``Policy.decodes``), nor is it counted.
 
 Unlike PAUMER (whose paused tokens re-join and are labelled by the decoder), an exited
 token's label is final. Compute trace: ("head",) at each exit layer on the tokens still

@@ -277,18 +277,18 @@ def _draw_person(cv: _Canvas, rng, cx: float, base: float, h: float) -> None:
     trousers = _hsv(rng.random(), rng.uniform(0, 0.6), rng.uniform(0.1, 0.6))
     shirt = _hsv(rng.random(), rng.uniform(0.2, 0.9), rng.uniform(0.3, 0.95))
     hair = _jitter(rng, (50, 35, 25), 20)
-    b = _box(cx, base - h / 2.0, h * 0.2, h / 2.0)
+    b = _box(cx, base - h / 2.0, h * 0.25, h / 2.0)
     if b is None:
         return
     box, yy, xx = b
     u = (xx - cx) / h
     v = (base - yy) / h
-    spread = 0.04 + stride * (0.46 - v)
+    spread = 0.055 + stride * (0.46 - v)
     legs = (v >= 0) & (v <= 0.46) & (
-        (np.abs(u - spread) <= 0.035) | (np.abs(u + spread) <= 0.035))
-    torso = (v > 0.42) & (v <= 0.8) & (np.abs(u) <= 0.1 + 0.03 * (v - 0.42))
-    arms = (v > 0.5) & (v <= 0.78) & (np.abs(u) > 0.1) & (np.abs(u) <= 0.14)
-    head = (u * u + (v - 0.89) ** 2) <= 0.085 ** 2
+        (np.abs(u - spread) <= 0.05) | (np.abs(u + spread) <= 0.05))
+    torso = (v > 0.42) & (v <= 0.8) & (np.abs(u) <= 0.12 + 0.04 * (v - 0.42))
+    arms = (v > 0.5) & (v <= 0.78) & (np.abs(u) > 0.12) & (np.abs(u) <= 0.17)
+    head = (u * u + (v - 0.89) ** 2) <= 0.095 ** 2
     cv.paint(legs, trousers, PERSON, box)
     cv.paint(torso | arms, shirt, PERSON, box)
     cv.paint(head, skin, PERSON, box)
@@ -444,25 +444,25 @@ def generate_sample(seed: int) -> tuple[np.ndarray, np.ndarray]:
     # --- posters: drawn like signs, labelled building
     for mask, b_side, side in facades:
         for _ in range(rng.integers(0, 4)):
-            z, hgt, rel = rng.uniform((1.3, 0.5, 0.12), (6.0, 1.6, 0.2))
+            z, hgt, rel = rng.uniform((1.3, 0.5, 0.2), (6.0, 1.6, 0.3))
             s = _F / z
             cx, cy, size = x_v + side * b_side * s, y_h + (1.0 - hgt) * s, rel * s
             corners = [(int(cy + dv), int(cx + du)) for dv in (-size / 2, size / 2)
                        for du in (-size / 2, size / 2)]
-            if size >= 3 and all(0 <= iy < _H and 0 <= ix < _W and mask[iy, ix]
+            if size >= 7 and all(0 <= iy < _H and 0 <= ix < _W and mask[iy, ix]
                                  for iy, ix in corners):
                 _draw_plate(cv, rng, cx, cy, size, BUILDING)
 
     # --- objects standing on the ground, drawn far to near: (depth, kind, world X)
     ground_args = (a_l, a_r, b_l, b_r)
     objects = []
+    for _ in range(rng.integers(1, 6)):
+        objects.append((rng.uniform(1.0, 2.3), "vehicle", _on_ground(rng, "road", *ground_args)))
     for _ in range(rng.integers(1, 5)):
-        objects.append((rng.uniform(1.0, 2.8), "vehicle", _on_ground(rng, "road", *ground_args)))
-    for _ in range(rng.integers(1, 5)):
-        objects.append((rng.uniform(1.0, 3.5), "pole", _on_ground(rng, "curb", *ground_args)))
-    for _ in range(rng.integers(0, 6)):
+        objects.append((rng.uniform(1.0, 2.5), "pole", _on_ground(rng, "curb", *ground_args)))
+    for _ in range(rng.integers(1, 7)):
         where = "road" if rng.random() < 0.15 else "sidewalk"  # some cross the road
-        objects.append((rng.uniform(1.0, 3.5), "person", _on_ground(rng, where, *ground_args)))
+        objects.append((rng.uniform(1.0, 2.2), "person", _on_ground(rng, where, *ground_args)))
     for _ in range(rng.integers(0, 3)):
         objects.append((rng.uniform(1.1, 4.0), "tree", _on_ground(rng, "sidewalk", *ground_args)))
     if rng.random() < 0.35:
@@ -484,19 +484,20 @@ def generate_sample(seed: int) -> tuple[np.ndarray, np.ndarray]:
             _draw_vehicle(cv, rng, cx, base, w, h, TRUCK if truck else CAR)
         elif kind == "pole":
             ph = rng.uniform(0.8, 1.25) * s
-            pw = max(rng.uniform(0.025, 0.04) * s, 1.0)
+            pw = max(rng.uniform(0.06, 0.09) * s, 3.0)
             metal = _jitter(rng, [rng.uniform(60, 170)] * 3, 12)
             b = _box(cx, base - ph / 2, pw, ph / 2)
-            if b is not None:
+            if b is not None:  # a shaded cylinder
                 box, ly, lx = b
-                cv.paint((np.abs(lx - cx) <= pw / 2) & (ly <= base) & (ly >= base - ph),
-                         metal, POLE, box)
-            if rng.random() < 0.55:
-                size = max(rng.uniform(0.12, 0.2) * s, 4.0)
+                across = np.abs(lx - cx) / (pw / 2)
+                cv.paint((across <= 1.0) & (ly <= base) & (ly >= base - ph),
+                         _field(metal, 1.25 - 0.5 * across), POLE, box)
+            if rng.random() < 0.7:
+                size = max(rng.uniform(0.2, 0.3) * s, 7.0)
                 _draw_plate(cv, rng, cx + rng.uniform(-0.3, 0.3) * size,
                             base - ph + size * 0.35, size, SIGN)
         elif kind == "person":
-            _draw_person(cv, rng, cx, base, rng.uniform(0.28, 0.36) * s)
+            _draw_person(cv, rng, cx, base, rng.uniform(0.36, 0.46) * s)
         elif kind == "tree":
             _draw_tree(cv, rng, cx, base, s, green, leaf)
         else:  # void clutter (a bin, a box): label ignored
@@ -596,6 +597,9 @@ class SyntheticDataset(Dataset):
                 np.savez_compressed(f, images=images, labels=labels)
                 f.flush()
                 os.fsync(f.fileno())
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a cache is not
             os.replace(tmp, self.path)
         except BaseException:
             try:
