@@ -172,6 +172,7 @@ def run(opts: RunOptions) -> list[dict]:
     torch.manual_seed(opts.seed)
     store = ResultsStore(opts.results)
     store.check_writable()
+    env = environment(opts.device, opts.threads)  # the code as it is when the run starts
     ops = opts.ops if opts.ops is not None else method.default_ops
     val = datasets.open_dataset(opts.dataset, spec.preset.val_split, opts.data_root)
 
@@ -212,7 +213,6 @@ def run(opts: RunOptions) -> list[dict]:
     for bs in sorted({1, opts.batch_size}):
         speeds[bs] = time_methods(runs, timing, settings, batch_size=bs, warmup=opts.warmup, repeats=opts.repeats)
 
-    env = environment(opts.device, opts.threads)
     records = []
     for i, ((knobs, policy, scale), result) in enumerate(zip(policies, evals)):
         speed = {}

@@ -77,7 +77,9 @@ DATASETS: dict[str, DatasetSpec] = {
     "synthetic": DatasetSpec(
         name="synthetic",
         classes=_synthetic_classes(),
-        preset=DatasetPreset(eval_mode="whole", crop_size=128, batch_size=8, lr=1e-3, steps=1600),
+        # a milder rescale than Segmenter's (0.5, 2.0): the scenes are already small
+        preset=DatasetPreset(eval_mode="whole", crop_size=128, scale_range=(0.75, 1.5), batch_size=8,
+                             lr=1e-3, steps=1600),
         root_env="BENCH_SYNTHETIC_ROOT",
         default_root="data",
         open_split=_open_synthetic,
