@@ -121,6 +121,17 @@ def datasets_cmd(data_root):
             click.echo(f"{'':10s} {s['problem']}")
 
 
+@cli.command(name="report")
+@click.option("--results", default="results", show_default=True, help="results folder")
+@click.option("--out", default="reports", show_default=True, help="where tables and figures go")
+def report_cmd(results, out):
+    """Tables (Markdown + CSV) and trade-off figures from the stored records."""
+    from bench.report import report
+
+    for path in report(results, out):
+        click.echo(f"wrote {path}")
+
+
 def main(argv=None) -> None:
     try:
         cli.main(args=argv, standalone_mode=False, prog_name="bench")

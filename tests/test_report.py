@@ -1,0 +1,38 @@
+import pandas as pd
+import pytest
+
+from bench.errors import BenchError
+from bench.report import pareto_front, report
+
+
+def test_pareto_front_marks_dominated_points_and_keeps_ties():
+    cost = pd.Series([1.0, 2.0, 2.0, 3.0, 3.0, 4.0])
+    quality = pd.Series([50.0, 60.0, 60.0, 55.0, 70.0, 70.0])
+    assert pareto_front(cost, quality).tolist() == [True, True, True, False, True, False]
+
+
+def record(method, knobs, miou, gflops):
+    return {"schema_version": 1, "method": method, "knobs": knobs, "dataset": "toy", "split": "val",
+            "checkpoint": "c", "miou": miou, "miou_delta": miou - 0.6, "gflops": {"mean": gflops},
+            "gflops_ratio": gflops / 2.0, "speed": {"1": {"throughput": 10 / gflops, "speedup": 2.0 / gflops,
+                                                          "latency_ms": {"p50": 1.0, "p90": 2.0}}}}
+
+
+def test_report_is_deterministic_and_skips_corrupt_lines(tmp_path, capsys):
+    from bench.results import ResultsStore
+
+    store = ResultsStore(tmp_path / "res")
+    store.append(record("baseline", {}, 0.6, 2.0))
+    store.append(record("paumer", {"tau": 0.2}, 0.59, 1.2))
+    with open(tmp_path / "res" / "toy.jsonl", "a") as f:
+        f.write("{broken\n")
+    report(str(tmp_path / "res"), str(tmp_path / "a"))
+    report(str(tmp_path / "res"), str(tmp_path / "b"))
+    assert (tmp_path / "a" / "toy.md").read_bytes() == (tmp_path / "b" / "toy.md").read_bytes()
+    assert "toy.jsonl:3" in capsys.readouterr().out
+    assert (tmp_path / "a" / "toy-tradeoff.png").exists()
+
+
+def test_report_on_empty_results_is_a_clear_error(tmp_path):
+    with pytest.raises(BenchError, match="no result records"):
+        report(str(tmp_path / "nothing"), str(tmp_path / "out"))
