@@ -84,8 +84,7 @@ def predict(model, policy, images: Tensor, settings: EvalSettings, *, scale: flo
         boxes = [(t, l) for t in window_starts(ph, win, stride) for l in window_starts(pw, win, stride)]
         logits = x.new_zeros(B, model.num_classes, ph, pw)
         hits = x.new_zeros(1, 1, ph, pw)
-        flops = torch.zeros(B, dtype=torch.long) if flop_model is not None else None
-        tokens, full, left_at = 0, 0, None
+        flops, left_at = None, None
         crops = torch.stack([x[:, :, t : t + win, l : l + win] for t, l in boxes], 1).flatten(0, 1)
         outs = []
         for chunk in crops.split(max(1, settings.batch_size)):

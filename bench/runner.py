@@ -88,7 +88,6 @@ def environment(device: str, threads: int) -> dict:
         except OSError:
             return ""
 
-    import fvcore  # noqa: F401  (version from metadata)
     import timm
     from importlib.metadata import version
 
