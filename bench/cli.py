@@ -95,13 +95,13 @@ def train(method, **kw):
 
     spec = datasets.get_spec(kw["dataset"])
     m = get_method(method)
+    if m.fine_tune is None and method != "baseline":
+        raise BenchError(f"{method} uses the baseline's weights; there is nothing of its own to train")
     opts = _options(method=method, **kw)
     base_cfg = train_config(opts, spec)
     model, payload = train_checkpoint(opts, base_cfg)
     if m.fine_tune is not None:
         model, payload = fine_tune(opts, m, spec, base_cfg, model, payload)
-    elif method != "baseline":
-        raise BenchError(f"{method} uses the baseline's weights; there is nothing of its own to train")
     click.echo(f"checkpoint ready: {payload['config']['method']} weights {payload['weights']} "
                f"after {payload['step']} steps")
 

@@ -48,6 +48,7 @@ def toy(monkeypatch):
     (["run", "--threads", "0"], ["threads"]),
     (["run", "--method", "static", "--op", "scale=big"], ["scale expects float"]),
     (["run", "--method", "static", "--op", "size=2"], ["expected key=value with keys: scale"]),
+    (["train", "--method", "tome"], ["nothing of its own to train"]),
 ])
 def test_bad_arguments_are_one_line_errors(capsys, args, words):
     code, _, err = run_cli(capsys, *args)
