@@ -119,3 +119,10 @@ def test_paumer_run_fine_tunes_from_the_baseline_and_draws_maps(capsys, tmp_path
 def test_unknown_model_preset_is_one_line_error(capsys, tmp_path, toy):
     code, _, err = run_cli(capsys, "train", "--dataset", "toy", "--model", "huge", "--checkpoints", str(tmp_path))
     assert_one_line_error(code, err, "unknown model preset 'huge'")
+
+
+def test_bad_paumer_knob_is_one_line_error_and_stores_nothing(capsys, tmp_path, toy):
+    code, _, err = run_cli(capsys, "run", "--method", "paumer", "--op", "tau=1.5", "--dataset", "toy",
+                           "--checkpoints", str(tmp_path / "ck"), "--results", str(tmp_path / "res"), "--quiet")
+    assert_one_line_error(code, err, "tau must be in [0, 1]")
+    assert not (tmp_path / "res" / "toy.jsonl").exists()
