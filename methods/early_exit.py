@@ -37,8 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from methods.encoder import Policy, TokenState
-from methods.paumer import PausingHeads, check_layers, default_layers, patch_labels
+from methods.encoder import Policy, TokenState, check_batching
+from methods.paumer import HeadScore, PausingHeads, check_layers, default_layers, patch_labels
 
 MODES = ("token", "image")
 UPSAMPLE = {"token": "nearest", "image": "bilinear"}
@@ -81,9 +81,7 @@ class EarlyExitPolicy(Policy):
     def __init__(self, heads: PausingHeads, threshold: float = 0.9, mode: str = "token", batching: str = "pad"):
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
-        if batching not in ("pad", "packed"):
-            raise ValueError(f"unknown batching {batching!r}; expected 'pad' or 'packed'")
-        self.batching = batching
+        self.batching = check_batching(batching)
         threshold = float(threshold)
         if not 0.0 <= threshold <= 1.0:
             raise ValueError(f"threshold must be in [0, 1], got {threshold}")
@@ -143,7 +141,7 @@ class EarlyExitPolicy(Policy):
         p = next(self.heads.parameters())
         if key == ("head",):
             head = self.heads.heads[0]  # every head has the same shape
-            return _HeadConfidence(head), (torch.zeros(1, n, p.shape[-1], dtype=p.dtype, device=p.device),)
+            return HeadScore(head, confidence), (torch.zeros(1, n, p.shape[-1], dtype=p.dtype, device=p.device),)
         if key[0] == "paint":  # n = 1: the image had exited pixels
             H, W = key[1:]
             gh, gw = model.grid_size(H, W)
@@ -153,17 +151,6 @@ class EarlyExitPolicy(Policy):
                       torch.ones(1, 1, gh, gw, dtype=torch.bool, device=p.device))
             return partial(paint, mode=UPSAMPLE[self.mode]), inputs
         return super().cost_probe(model, key, n)
-
-
-class _HeadConfidence(nn.Module):
-    """What an exit layer computes per token: head logits and their confidence."""
-
-    def __init__(self, head: nn.Module):
-        super().__init__()
-        self.head = head
-
-    def forward(self, tokens: Tensor) -> Tensor:
-        return confidence(self.head(tokens))
 
 
 class _HeadOutputs(Policy):

@@ -134,6 +134,15 @@ def packed_block(block, x: Tensor, valid: Tensor) -> Tensor:
     return result
 
 
+BATCHINGS = ("pad", "packed")
+
+
+def check_batching(batching: str) -> str:
+    if batching not in BATCHINGS:
+        raise ValueError(f"unknown batching {batching!r}; expected 'pad' or 'packed'")
+    return batching
+
+
 class Policy:
     """The full model: every block processes every token. Methods override the hooks."""
 

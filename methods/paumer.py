@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from methods.encoder import Policy, TokenState
+from methods.encoder import Policy, TokenState, check_batching
 
 CRITERIA = ("entropy", "confidence", "random", "oracle")
 
@@ -117,9 +117,7 @@ class PaumerPolicy(Policy):
                  batching: str = "pad", simulate: bool = False, seed: int = 0):
         if criterion not in CRITERIA:
             raise ValueError(f"unknown criterion {criterion!r}; expected one of {', '.join(CRITERIA)}")
-        if batching not in ("pad", "packed"):
-            raise ValueError(f"unknown batching {batching!r}; expected 'pad' or 'packed'")
-        self.batching = batching
+        self.batching = check_batching(batching)
         self.heads = heads
         self.layers = list(heads.layers if layers is None else layers)
         missing = [l for l in self.layers if l not in heads.layers]
@@ -213,18 +211,19 @@ class PaumerPolicy(Policy):
             return super().cost_probe(model, key, n)
         head = self.heads.heads[0]  # every head has the same shape
         p = next(head.parameters())
-        return _HeadScore(head), (torch.zeros(1, n, p.shape[-1], dtype=p.dtype, device=p.device),)
+        return HeadScore(head, normalized_entropy), (torch.zeros(1, n, p.shape[-1], dtype=p.dtype, device=p.device),)
 
 
-class _HeadScore(nn.Module):
-    """What a pausing layer computes per token: head logits and their entropy."""
+class HeadScore(nn.Module):
+    """What a decision layer computes per token: head logits and a score of them (the
+    cost probe of ("head",) for PAUMER's entropy and early exit's confidence)."""
 
-    def __init__(self, head: nn.Module):
+    def __init__(self, head: nn.Module, score):
         super().__init__()
-        self.head = head
+        self.head, self.score = head, score
 
     def forward(self, tokens: Tensor) -> Tensor:
-        return normalized_entropy(self.head(tokens))
+        return self.score(self.head(tokens))
 
 
 def paumer_loss(paumer: PaumerModel, images: Tensor, labels: Tensor, *, tau_max: float = 0.5,
