@@ -138,10 +138,7 @@ def main(argv=None) -> None:
     except BenchError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
-    except click.exceptions.Abort:
-        click.echo("interrupted; run the same command again to resume", err=True)
-        sys.exit(130)
-    except KeyboardInterrupt:
+    except (click.exceptions.Abort, KeyboardInterrupt):
         click.echo("interrupted; run the same command again to resume", err=True)
         sys.exit(130)
     except click.ClickException as e:
