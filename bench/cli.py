@@ -32,16 +32,45 @@ def common_options(f):
     return f
 
 
-def _options(**kw):
+def measure_options(f):
+    """Options of what `bench run` measures (shared with `bench sweep`)."""
+    options = [
+        click.option("--limit", type=click.IntRange(min=1), default=None,
+                     help="evaluate on the first N validation images"),
+        click.option("--replace", is_flag=True, help="re-measure operating points already stored"),
+        click.option("--timing-images", type=click.IntRange(min=1), default=32, show_default=True,
+                     help="pre-loaded validation images that throughput is timed on"),
+        click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True,
+                     help="timed repeats (median reported), after 2 warm-up passes"),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _options(*, launch: bool = True, check_device: bool = True, **kw):
+    """RunOptions from the parsed options; ``launch``: join torchrun's process group when
+    this command runs under it (each process gets its own GPU); ``check_device``: the
+    device must exist here (not so for jobs sent to a cluster)."""
     from bench.runner import RunOptions
 
     kw["progress"] = not kw.pop("quiet", False)
-    if kw["device"].startswith("cuda"):
+    if check_device and kw["device"].startswith("cuda"):
         import torch
 
         if not torch.cuda.is_available():
             raise BenchError(f"--device {kw['device']}: CUDA is not available on this machine")
+    if launch:
+        from bench import distributed
+
+        kw["device"] = distributed.setup(kw["device"])
     return RunOptions(**kw)
+
+
+def _is_main() -> bool:
+    """False on torchrun's ranks other than 0: they print nothing."""
+    dist = sys.modules.get("bench.distributed")
+    return dist is None or dist.is_main()
 
 
 @click.group()
@@ -52,22 +81,20 @@ def cli():
 @cli.command()
 @click.option("--method", default="baseline", show_default=True, help="baseline, static, paumer, ...")
 @click.option("--op", "ops", multiple=True, help="operating point, e.g. 'tau=0.2' (repeatable; default: the method's sweep)")
-@click.option("--limit", type=click.IntRange(min=1), default=None, help="evaluate on the first N validation images")
-@click.option("--replace", is_flag=True, help="re-measure operating points already stored")
-@click.option("--timing-images", type=click.IntRange(min=1), default=32, show_default=True,
-              help="pre-loaded validation images that throughput is timed on")
-@click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True,
-              help="timed repeats (median reported), after 2 warm-up passes")
+@measure_options
 @common_options
 def run(method, ops, limit, replace, timing_images, repeats, **kw):
     """Train (or reuse) the checkpoints, evaluate the method's operating points and the
-    baseline in one process, and append the records to the results folder."""
+    baseline in one process, and append the records to the results folder.
+    Under torchrun: training and evaluation are shared by the processes, timing is rank 0's."""
     from bench.runner import get_method, parse_op, run as run_method
 
     spec = get_method(method)
     opts = _options(method=method, ops=[parse_op(spec, o) for o in ops] or None, limit=limit, replace=replace,
                     timing_images=timing_images, repeats=repeats, **kw)
     records = run_method(opts)
+    if not _is_main():
+        return
     for r in records:
         s = r["speed"]
         click.echo(f"{r['method']:9s} {_knobs(r['knobs']):24s} mIoU {100 * r['miou']:6.2f} "
@@ -93,7 +120,7 @@ def train(method, **kw):
     from bench import datasets
     from bench.runner import fine_tune, get_method, train_checkpoint, train_config
 
-    spec = datasets.get_spec(kw["dataset"])
+    spec = datasets.get_spec(kw["dataset"], kw["data_root"])
     m = get_method(method)
     if m.fine_tune is None and method != "baseline":
         raise BenchError(f"{method} uses the baseline's weights; there is nothing of its own to train")
@@ -102,23 +129,103 @@ def train(method, **kw):
     model, payload = train_checkpoint(opts, base_cfg)
     if m.fine_tune is not None:
         model, payload = fine_tune(opts, m, spec, base_cfg, model, payload)
-    click.echo(f"checkpoint ready: {payload['config']['method']} weights {payload['weights']} "
+    if _is_main():
+        click.echo(f"checkpoint ready: {payload['config']['method']} weights {payload['weights']} "
                f"after {payload['step']} steps")
+
+
+@cli.command()
+@click.option("--methods", default="baseline,static,paumer,tome,early-exit", show_default=True,
+              help="comma-separated; one job per method and dataset")
+@click.option("--op", "ops", multiple=True,
+              help="METHOD:KNOBS, e.g. 'paumer:tau=0.2' (repeatable; a method without one runs its default sweep)")
+@click.option("--cluster", type=click.Choice(["local", "slurm"]), default="local", show_default=True,
+              help="local: the jobs one after another on this machine; slurm: sbatch, via submitit")
+@click.option("--folder", default="sweeps", show_default=True, help="job folders: submitit's pickles and logs")
+@click.option("--partition", default=None, help="slurm partition")
+@click.option("--gpus-per-node", type=click.IntRange(min=0), default=None,
+              help="GPUs per job (default: 1 with --device cuda, else 0); several: one process per GPU (DDP)")
+@click.option("--cpus-per-task", type=click.IntRange(min=1), default=None, help="CPU cores per process")
+@click.option("--mem-gb", type=click.FloatRange(min=0), default=None, help="memory per job")
+@click.option("--time", "time_min", type=click.IntRange(min=1), default=720, show_default=True,
+              help="time limit per job, minutes (on Slurm, a job that reaches it is requeued and resumes)")
+@click.option("--slurm-param", "slurm_params", multiple=True,
+              help="extra sbatch option KEY=VALUE, e.g. account=abc (repeatable)")
+@click.option("--wait/--no-wait", default=False,
+              help="slurm: wait for the jobs and report how they ended (local always waits)")
+@measure_options
+@common_options
+def sweep(methods, ops, cluster, folder, partition, gpus_per_node, cpus_per_task, mem_gb, time_min, slurm_params,
+          wait, limit, replace, timing_images, repeats, **kw):
+    """Run several methods on one or more datasets (--dataset a,b) as submitit jobs:
+    the baseline checkpoint of each dataset first, then one job per method and dataset.
+    Resumable: run the same command again and only what is missing runs."""
+    from bench.runner import get_method, parse_op
+    from bench.sweep import sweep as run_sweep
+
+    names = [m.strip() for m in methods.split(",") if m.strip()]
+    by_method: dict = {}
+    for text in ops:
+        m, sep, knobs = text.partition(":")
+        if not sep or m not in names:
+            raise BenchError(f"bad --op {text!r}: expected METHOD:KNOBS with METHOD one of --methods "
+                             f"({', '.join(names)})")
+        by_method.setdefault(m, []).append(parse_op(get_method(m), knobs))
+    extra = {}
+    for text in slurm_params:
+        key, sep, value = text.partition("=")
+        if not sep or not key:
+            raise BenchError(f"bad --slurm-param {text!r}: expected KEY=VALUE, e.g. account=abc")
+        extra[key] = value
+    dataset_names = [d.strip() for d in kw.pop("dataset").split(",") if d.strip()]
+    if not dataset_names:
+        raise BenchError("--dataset: expected one or more dataset names, e.g. synthetic,cityscapes")
+    base = _options(launch=False, check_device=cluster == "local", dataset=dataset_names[0], limit=limit,
+                    replace=replace, timing_images=timing_images, repeats=repeats, **kw)
+    reports = run_sweep(base, names, dataset_names, by_method, cluster=cluster, folder=folder,
+                        gpus_per_node=gpus_per_node, partition=partition, cpus_per_task=cpus_per_task, mem_gb=mem_gb,
+                        time_min=time_min, slurm_params=extra, wait=wait, echo=click.echo)
+    failed = [r for r in reports if r.state == "failed"]
+    if failed:
+        logs = ", ".join(str(r.stderr) for r in failed)
+        raise BenchError(f"{len(failed)} job(s) failed (logs: {logs}); run the same command again to resume",
+                         exit_code=1)
 
 
 @cli.command(name="datasets")
 @click.option("--data-root", default=None, help="look here instead of the default roots")
-def datasets_cmd(data_root):
-    """Known datasets: where each is looked for, found or not, image counts."""
+@click.option("--dataset", "names", multiple=True, help="only this dataset (repeatable; default: all)")
+@click.option("--speed", is_flag=True, help="also time the training loader alone (images/s) on each dataset found")
+@click.option("--batches", type=click.IntRange(min=1), default=20, show_default=True,
+              help="--speed: batches timed, after one warm-up batch")
+@click.option("--workers", type=click.IntRange(min=0), default=None,
+              help="--speed: DataLoader workers (default: what training uses)")
+@click.option("--device", default="cpu", show_default=True, help="--speed: copy batches to this device (pinned memory on cuda)")
+def datasets_cmd(data_root, names, speed, batches, workers, device):
+    """Known datasets: where each is looked for, found or not, image counts per split,
+    and what is wrong with a tree that is malformed."""
     from bench import datasets
 
-    for name in datasets.DATASETS:
+    for name in names:
+        if name not in datasets.DATASETS:
+            datasets.get_spec(name)  # raises: unknown dataset
+    if speed and device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise BenchError(f"--device {device}: CUDA is not available on this machine")
+    for name in names or datasets.DATASETS:
         s = datasets.dataset_status(name, data_root)
         counts = ", ".join(f"{k} {v}" for k, v in s["splits"].items())
         state = "found" if s["found"] else "missing"
         click.echo(f"{name:10s} {state:8s} {s['root']}  (${s['env']})  {counts}")
         if s["problem"]:
             click.echo(f"{'':10s} {s['problem']}")
+        if speed and s["found"]:
+            r = datasets.loader_speed(name, data_root, batches=batches, workers=workers, device=device)
+            click.echo(f"{'':10s} training loader: {r['images_per_s']:.1f} images/s ({r['images']} images in "
+                       f"{r['batches']} batches of {r['batch_size']}, crops {r['crop_size']}, workers {r['workers']}, "
+                       f"pin_memory={r['pin_memory']})")
 
 
 @cli.command(name="report")
@@ -132,18 +239,54 @@ def report_cmd(results, out):
         click.echo(f"wrote {path}")
 
 
+@cli.command(name="check")
+@click.option("--update", is_flag=True, help="rewrite the reference with the fresh results (after an intended change)")
+@click.option("--results", default="results", show_default=True, help="results folder (reference: <results>/check/)")
+@click.option("--checkpoints", default="checkpoints", show_default=True, help="checkpoint folder")
+@click.option("--data-root", default=None, help="where synthetic is cached (default: ./data)")
+@click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True, help="torch CPU threads")
+@click.option("--quiet", is_flag=True, help="no progress bars")
+def check_cmd(update, results, checkpoints, data_root, threads, quiet):
+    """Re-derive a small set of stored results on synthetic and compare: mIoU and
+    GFLOPs within tight tolerances, speedups (same-run ratios) above a lower bound."""
+    from bench import check
+
+    stored = None if update else check.load_reference(results)  # fail before minutes of work
+    fresh = check.fresh_records(checkpoints=checkpoints, threads=threads, data_root=data_root,
+                                progress=not quiet)
+    rows = check.compare(stored if stored is not None else fresh, fresh)
+    click.echo(check.format_rows(rows))
+    if update:
+        click.echo(f"reference rewritten: {check.write_reference(fresh, results)} ({len(fresh)} records)")
+        return
+    bad = check.failed(rows)
+    if bad:
+        names = ", ".join(sorted({f"{r['point']}: {r['metric']}" for r in bad}))
+        raise BenchError(f"bench check failed on {len(bad)} metric(s): {names}", exit_code=1)
+    click.echo(f"bench check passed: {len(rows)} metrics within tolerance of {check.reference_path(results)}")
+
+
+def _rank_prefix() -> str:
+    dist = sys.modules.get("bench.distributed")
+    return f"[rank {dist.rank()}] " if dist is not None and dist.is_distributed() else ""
+
+
 def main(argv=None) -> None:
     try:
         cli.main(args=argv, standalone_mode=False, prog_name="bench")
     except BenchError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(2)
+        click.echo(f"{_rank_prefix()}error: {e}", err=True)
+        sys.exit(e.exit_code)
     except (click.exceptions.Abort, KeyboardInterrupt):
         click.echo("interrupted; run the same command again to resume", err=True)
         sys.exit(130)
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)
+    finally:
+        dist = sys.modules.get("bench.distributed")
+        if dist is not None:
+            dist.cleanup()  # leave torchrun's process group cleanly
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
+from bench import distributed
 from bench.errors import BenchError
 from bench.metrics import ConfusionMatrix, iou_scores
 from bench.train import normalize
@@ -26,6 +27,7 @@ class EvalSettings:
     stride: Optional[int] = None
     batch_size: int = 8  # images (whole) or windows (slide) per forward
     device: str = "cpu"
+    resize_short: Optional[int] = None  # resize the image to this short side first (ADE20K: 512)
 
 
 @dataclass
@@ -68,7 +70,12 @@ def predict(model, policy, images: Tensor, settings: EvalSettings, *, scale: flo
     """
     B, _, H, W = images.shape
     x = normalize(images.to(settings.device))
-    if scale != 1.0:
+    if settings.resize_short:  # the dataset's resize rule, then the static scale, in one resampling
+        f = scale * settings.resize_short / min(H, W)
+        size = (max(1, round(H * f)), max(1, round(W * f)))
+        if size != (H, W):
+            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    elif scale != 1.0:
         x = F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False, recompute_scale_factor=False)
     h, w = x.shape[-2:]
     p = model.patch_size
@@ -104,12 +111,23 @@ def predict(model, policy, images: Tensor, settings: EvalSettings, *, scale: flo
     return Prediction(logits, flops, tokens, full, left_at)
 
 
-def image_batches(dataset, batch_size: int, limit: Optional[int] = None):
-    """Consecutive images of equal size, at most ``batch_size`` at a time."""
-    n = len(dataset) if limit is None else min(limit, len(dataset))
+def _items(dataset, indices):
+    """Items at ``indices``, in order; a file dataset (``loader_workers``) is decoded ahead
+    in DataLoader workers."""
+    workers = min(getattr(dataset, "loader_workers", 0), len(indices))
+    if workers <= 0:
+        return (dataset[i] for i in indices)
+    subset = torch.utils.data.Subset(dataset, indices)
+    return iter(torch.utils.data.DataLoader(subset, batch_size=None, num_workers=workers))
+
+
+def image_batches(dataset, batch_size: int, limit: Optional[int] = None, indices=None):
+    """Consecutive images of equal size, at most ``batch_size`` at a time: the first
+    ``limit`` images, or those at ``indices`` (in that order)."""
+    if indices is None:
+        indices = range(len(dataset) if limit is None else min(limit, len(dataset)))
     batch: list = []
-    for i in range(n):
-        image, label = dataset[i]
+    for image, label in _items(dataset, indices):
         if batch and (len(batch) == batch_size or batch[0][0].shape != image.shape):
             yield batch
             batch = []
@@ -122,14 +140,21 @@ def image_batches(dataset, batch_size: int, limit: Optional[int] = None):
 def evaluate(model, policy, dataset, settings: EvalSettings, flop_model, *, num_classes: int,
              scale: float = 1.0, limit: Optional[int] = None, progress: bool = False,
              ignore_index: int = 255) -> dict:
-    """mIoU over the split, per-image GFLOPs and the fraction of tokens each block computed."""
+    """mIoU over the split, per-image GFLOPs and the fraction of tokens each block computed.
+
+    Under torchrun each process evaluates its strided shard of the split (images rank,
+    rank + W, ...: each image exactly once); confusion matrices, per-image FLOPs and token
+    counts are gathered, so every process returns what one process would have.
+    """
     model.eval()
     cm = ConfusionMatrix(num_classes, ignore_index=ignore_index)
     flops, tokens, full = [], 0, 0
     n = len(dataset) if limit is None else min(limit, len(dataset))
+    mine = distributed.shard(n)
     per_forward = settings.batch_size if settings.mode == "whole" else 1
-    bar = tqdm(total=n, desc=f"eval {getattr(policy, 'name', '')}", unit="img", disable=not progress, leave=False)
-    for batch in image_batches(dataset, per_forward, limit):
+    bar = tqdm(total=len(mine), desc=f"eval {getattr(policy, 'name', '')}", unit="img",
+               disable=not progress or not distributed.is_main(), leave=False)
+    for batch in image_batches(dataset, per_forward, indices=mine):
         images = torch.stack([b[0] for b in batch])
         labels = torch.stack([b[1] for b in batch])
         if getattr(policy, "needs_labels", False):  # the oracle criterion: evaluation only
@@ -143,8 +168,16 @@ def evaluate(model, policy, dataset, settings: EvalSettings, flop_model, *, num_
         full = full + pred.full_tokens.sum()
         bar.update(len(batch))
     bar.close()
+    flops = torch.cat(flops) if flops else torch.zeros(0, dtype=torch.long)
+    if distributed.is_distributed():
+        distributed.all_reduce_sum(cm.matrix)
+        parts = distributed.all_gather_object((list(mine), flops, tokens, full))
+        flops = torch.zeros(n, dtype=parts[0][1].dtype)
+        for indices, part, _, _ in parts:
+            flops[indices] = part  # back in split order: the same numbers as one process
+        tokens, full = sum(p[2] for p in parts), sum(p[3] for p in parts)
     per_class, miou = iou_scores(cm.matrix)
-    gflops = torch.cat(flops).double() / 1e9
+    gflops = flops.double() / 1e9
     return {
         "miou": miou,
         "per_class_iou": per_class,
@@ -161,7 +194,7 @@ def _sync(device: str) -> None:
 
 
 @torch.inference_mode()
-def time_methods(runs: dict, images: Tensor, settings: EvalSettings, *, batch_size: int,
+def time_methods(runs: dict, images, settings: EvalSettings, *, batch_size: int,
                  warmup: int = 2, repeats: int = 5) -> dict:
     """Throughput (images/s) and batch-1 latency of several methods on the same
     pre-loaded uint8 images, interleaved repeat by repeat so that drift in the machine's
@@ -170,13 +203,18 @@ def time_methods(runs: dict, images: Tensor, settings: EvalSettings, *, batch_si
     Each timed pass segments every image in ``images`` at ``batch_size`` with the full
     ``predict`` path (resize, pad, windows, gathers and scatters included; data loading
     excluded). Throughput is the median over repeats; latency p50/p90 is over every image
-    of every repeat when ``batch_size`` is 1.
+    of every repeat when ``batch_size`` is 1. ``images``: a (N, 3, H, W) tensor, or a list
+    of (3, H, W) images of different sizes (ADE20K), batched where consecutive sizes agree.
     """
-    images = images.to(settings.device)
     # whole images: `batch_size` images per forward; windows: one image at a time, its
     # windows `batch_size` per forward
     per_pass = batch_size if settings.mode == "whole" else 1
-    chunks = images.split(per_pass)
+    if isinstance(images, Tensor):
+        images = images.to(settings.device)
+        chunks = images.split(per_pass)
+    else:
+        chunks = [torch.stack([image for image, _ in batch]).to(settings.device)
+                  for batch in image_batches([(image, None) for image in images], per_pass)]
     run_settings = replace(settings, batch_size=batch_size)
     rates = {name: [] for name in runs}
     latencies = {name: [] for name in runs}

@@ -1,9 +1,10 @@
 """Tables and figures from stored records: ``bench report``.
 
 Reads every record under the results folder with pandas and writes, per dataset, a
-Markdown and a CSV table of every method and operating point, and the trade-off
-figures (mIoU against GFLOPs and against throughput, PNG + SVG). The same records
-always give the same tables.
+Markdown and a CSV table of every method and operating point, the trade-off figures
+(mIoU against GFLOPs and against throughput, PNG + SVG), the fraction of tokens each
+block computed, the compute maps ``bench run`` drew, and ``README.md`` indexing it all.
+The same records always give the same tables.
 """
 from __future__ import annotations
 
@@ -69,7 +70,12 @@ def markdown(df: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def figure(df: pd.DataFrame, dataset: str, path: Path) -> None:
+# The seed paper's reported PAUMER operating point on the real datasets: throughput
+# relative to the full model, and the relative mIoU drop. Drawn for reference only.
+SEED_POINTS = {"cityscapes": (1.5, 0.0065), "ade20k": (1.5, 0.046)}
+
+
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -77,26 +83,79 @@ def figure(df: pd.DataFrame, dataset: str, path: Path) -> None:
     import seaborn as sns
 
     sns.set_theme(style="whitegrid", context="paper")
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    return plt, sns
+
+
+def _save(fig, path: Path) -> list[Path]:
+    fig.tight_layout()
+    paths = [path.with_suffix(".png"), path.with_suffix(".svg")]
+    fig.savefig(paths[0], dpi=150)
+    fig.savefig(paths[1], metadata={"Date": None})  # no timestamp: same records, same file
+    return paths
+
+
+def figure(df: pd.DataFrame, dataset: str, path: Path) -> list[Path]:
+    plt, sns = _pyplot()
+    speed_columns = [c for c in ("speedup b1", "speedup b8") if df[c].notna().any()]
+    fig, axes = plt.subplots(1, 1 + len(speed_columns), figsize=(5 * (1 + len(speed_columns)), 4), squeeze=False)
     methods = sorted(df["method"].unique())
-    for ax, x, label in [(axes[0], "GFLOPs", "GFLOPs per image (fvcore, MAC)"),
-                         (axes[1], "speedup b1", "speedup at batch 1 (vs the baseline timed in the same run)")]:
-        # absolute CPU throughput differs between runs; the same-run ratio is what compares
-        sns.lineplot(data=df.sort_values(x), x=x, y="mIoU", hue="method", style="method", markers=True,
+    base = df[df["method"] == "baseline"]["mIoU"]
+    panels = [("GFLOPs", "GFLOPs per image (fvcore, MAC)")]
+    # absolute CPU throughput differs between runs; the same-run ratio is what compares
+    panels += [(c, f"speedup at batch {c[len('speedup b'):]} (vs the baseline timed in the same run)")
+               for c in speed_columns]
+    for ax, (x, label) in zip(axes[0], panels):
+        data = df[df[x].notna()].sort_values(x)
+        sns.lineplot(data=data, x=x, y="mIoU", hue="method", style="method", markers=True,
                      dashes=False, ax=ax, sort=False, hue_order=methods, style_order=methods)
-        front = df[df["pareto"]] if x == "GFLOPs" else df[pareto_front(-df[x], df["mIoU"])]
+        front = data[pareto_front(data[x] if x == "GFLOPs" else -data[x], data["mIoU"])]
         ax.scatter(front[x], front["mIoU"], s=120, facecolors="none", edgecolors="black", label="Pareto front")
+        if len(base):
+            ax.axhline(base.iloc[0], color="grey", linestyle="--", linewidth=0.8, label="baseline mIoU")
+            if x != "GFLOPs" and dataset in SEED_POINTS:
+                speedup, drop = SEED_POINTS[dataset]
+                ax.scatter([speedup], [base.iloc[0] * (1 - drop)], marker="*", s=160, color="black",
+                           label=f"seed paper: {speedup}x at -{100 * drop:.2g}% mIoU")
         ax.set_xlabel(label)
         ax.set_ylabel("mIoU (%)")
         ax.legend(fontsize=7)
     fig.suptitle(f"{dataset}: accuracy against cost", fontsize=10)
-    fig.tight_layout()
-    for suffix in (".png", ".svg"):
-        fig.savefig(path.with_suffix(suffix), dpi=150, metadata={"Date": None} if suffix == ".svg" else None)
+    paths = _save(fig, path)
     plt.close(fig)
+    return paths
+
+
+def tokens_figure(records: list[dict], dataset: str, path: Path) -> list[Path]:
+    """Fraction of the image's tokens each block computed, one panel per dynamic method,
+    one line per operating point (averaged over the images)."""
+    rows = [{"method": r["method"], "op": _op(r["knobs"]), "block": b + 1, "fraction": f}
+            for r in records if r["method"] not in ("baseline", "static")
+            for b, f in enumerate(r.get("tokens_per_block") or [])]
+    if not rows:
+        return []
+    plt, sns = _pyplot()
+    df = pd.DataFrame(rows)
+    methods = sorted(df["method"].unique())
+    fig, axes = plt.subplots(1, len(methods), figsize=(4.5 * len(methods), 3.6), squeeze=False, sharey=True)
+    for ax, method in zip(axes[0], methods):
+        sub = df[df["method"] == method]
+        ops = list(dict.fromkeys(sub["op"]))
+        sns.lineplot(data=sub, x="block", y="fraction", hue="op", hue_order=ops, marker="o", ax=ax,
+                     palette="viridis")
+        ax.set_title(method)
+        ax.set_xlabel("encoder block")
+        ax.set_ylabel("fraction of tokens computed")
+        ax.set_ylim(0, 1.05)
+        ax.legend(fontsize=6, title="operating point", title_fontsize=7)
+    fig.suptitle(f"{dataset}: where each method spends its encoder compute", fontsize=10)
+    paths = _save(fig, path)
+    plt.close(fig)
+    return paths
 
 
 def report(results: str = "results", out: str = "reports") -> list[Path]:
+    from bench.datasets import DATASETS
+
     store = ResultsStore(results)
     records, problems = store.load_with_errors()
     for p in problems:
@@ -105,12 +164,33 @@ def report(results: str = "results", out: str = "reports") -> list[Path]:
         raise BenchError(f"no result records under {results}/; run `bench run` first")
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    for dataset in sorted({r["dataset"] for r in records}):
-        df = table([r for r in records if r["dataset"] == dataset])
+    written, index = [], ["# Reports", "",
+                          f"Generated by `bench report` from the records in `{results}/`; "
+                          "GFLOPs are fvcore's (one multiply-add = one flop), speedups are ratios "
+                          "to the baseline timed in the same run.", ""]
+    found = sorted({r["dataset"] for r in records})
+    for dataset in found:
+        mine = [r for r in records if r["dataset"] == dataset]
+        df = table(mine)
         md = out_dir / f"{dataset}.md"
         md.write_text(markdown(df))
         df.to_csv(out_dir / f"{dataset}.csv", index=False, float_format="%.6g")
-        figure(df, dataset, out_dir / f"{dataset}-tradeoff")
-        written += [md, out_dir / f"{dataset}.csv", out_dir / f"{dataset}-tradeoff.png"]
-    return written
+        files = [md, out_dir / f"{dataset}.csv"]
+        files += figure(df, dataset, out_dir / f"{dataset}-tradeoff")
+        files += tokens_figure(mine, dataset, out_dir / f"{dataset}-tokens-per-block")
+        for maps in sorted((Path(results) / "figures").glob(f"{dataset}-*-compute-maps.*")):
+            files.append(out_dir / maps.name)  # drawn by `bench run` from the same checkpoints
+            files[-1].write_bytes(maps.read_bytes())
+        written += files
+        commits = sorted({str(r.get("git_commit"))[:7] for r in mine})
+        index += [f"## {dataset}", "",
+                  f"{len(mine)} records, {df['method'].nunique()} methods, git commit(s) {', '.join(commits)}.", ""]
+        index += [f"- [{f.name}]({f.name})" for f in files if f.suffix != ".svg"]
+        index.append("")
+    missing = [name for name in DATASETS if name not in found]
+    if missing:
+        note = f"No records for {', '.join(missing)}: skipped."
+        print(note)
+        index += [note, ""]
+    (out_dir / "README.md").write_text("\n".join(index))
+    return written + [out_dir / "README.md"]

@@ -158,6 +158,22 @@ class ResultsStore:
                              f"{e.strerror or e}") from e
         return path
 
+    def rewrite(self, dataset: str, records: list[dict]) -> Path:
+        """Replaces a dataset's whole file with ``records`` in one atomic step (for a
+        reference that is regenerated as a set, e.g. ``bench check --update``)."""
+        for record in records:
+            if _missing(record) or record["dataset"] != dataset:
+                raise BenchError(f"cannot store a record for {record.get('dataset')!r} in {dataset!r}'s file")
+        path = self.path_for(dataset)
+        data = b"".join(json.dumps(r).encode("utf-8") + b"\n" for r in records)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            with self._lock():
+                self._write_atomic(path, data)
+        except OSError as e:
+            raise BenchError(f"cannot write results to folder {self.root}: {e.strerror or e}") from e
+        return path
+
     @contextlib.contextmanager
     def _lock(self):
         with open(self.root / LOCK_NAME, "a") as f:

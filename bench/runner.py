@@ -17,7 +17,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from bench import datasets
+from bench import datasets, distributed
 from bench.errors import BenchError
 from bench.flops import FlopModel
 from bench.protocol import EvalSettings, evaluate, time_methods
@@ -113,7 +113,8 @@ def train_config(opts: RunOptions, spec: datasets.DatasetSpec, method: str = "ba
     return TrainConfig(dataset=spec.name, num_classes=spec.num_classes, model=opts.model or p.model,
                        model_overrides=overrides, method=method, pretrained=opts.pretrained,
                        steps=opts.steps or p.steps, batch_size=p.batch_size, lr=p.lr,
-                       crop_size=p.crop_size, scale_range=p.scale_range, seed=opts.seed, **over)
+                       crop_size=p.crop_size, scale_range=p.scale_range, seed=opts.seed,
+                       optimizer=p.optimizer, weight_decay=p.weight_decay, **over)
 
 
 def checkpoint_path(opts: RunOptions, cfg: TrainConfig) -> Path:
@@ -127,28 +128,45 @@ def new_model(cfg: TrainConfig):
         raise BenchError(str(e)) from None
 
 
-def train_checkpoint(opts: RunOptions, cfg: TrainConfig, model=None, **train_kwargs):
-    """The trained model for ``cfg``: loaded when its checkpoint is complete, trained
-    (or resumed) otherwise. Returns (model, checkpoint payload)."""
+def stored_checkpoint(opts: RunOptions, cfg: TrainConfig) -> Optional[dict]:
+    """The payload of ``cfg``'s checkpoint when it is complete, else None."""
     path = checkpoint_path(opts, cfg)
-    model = model if model is not None else new_model(cfg)
     if path.exists():
         payload = load_checkpoint(path)
         if payload.get("done") and payload["config"].get("hash") == cfg.hash():
-            model.load_state_dict(payload["model"])
-            return model.eval(), payload
+            return payload
+    return None
+
+
+def train_checkpoint(opts: RunOptions, cfg: TrainConfig, model=None, **train_kwargs):
+    """The trained model for ``cfg``: loaded when its checkpoint is complete, trained
+    (or resumed) otherwise. Returns (model, checkpoint payload). Under torchrun every
+    process calls it and trains its share of each batch (``bench.train``)."""
+    device = distributed.setup(opts.device)
+    model = model if model is not None else new_model(cfg)
+    payload = stored_checkpoint(opts, cfg)
+    if payload is not None:
+        model.load_state_dict(payload["model"])
+        return model.eval(), payload
     dataset = datasets.open_dataset(cfg.dataset, "train", opts.data_root)
-    payload = train(model, dataset, cfg, path, device=opts.device, progress=opts.progress, **train_kwargs)
+    payload = train(model, dataset, cfg, checkpoint_path(opts, cfg), device=device, progress=opts.progress,
+                    **train_kwargs)
     return model.eval(), payload
+
+
+def fine_tune_config(method: MethodSpec, base_cfg: TrainConfig, base_weights: str) -> TrainConfig:
+    """The configuration of ``method``'s fine-tuning from the baseline with these weights."""
+    ft = method.fine_tune
+    return replace(base_cfg, method=method.name, method_knobs=dict(ft.knobs), init_from=base_weights,
+                   steps=max(1, round(base_cfg.steps * ft.steps_fraction)), lr=base_cfg.lr * ft.lr_factor,
+                   warmup_steps=min(base_cfg.warmup_steps, 50))
 
 
 def fine_tune(opts: RunOptions, method: MethodSpec, spec: datasets.DatasetSpec, base_cfg: TrainConfig,
               base_model, base_payload: dict):
     """The method's fine-tuned model, trained from the baseline weights if missing."""
     ft = method.fine_tune
-    cfg = replace(base_cfg, method=method.name, method_knobs=dict(ft.knobs), init_from=base_payload["weights"],
-                  steps=max(1, round(base_cfg.steps * ft.steps_fraction)), lr=base_cfg.lr * ft.lr_factor,
-                  warmup_steps=min(base_cfg.warmup_steps, 50))
+    cfg = fine_tune_config(method, base_cfg, base_payload["weights"])
     segmenter = new_model(base_cfg)
     segmenter.load_state_dict(base_model.state_dict())
     trainable = ft.build(segmenter, **ft.knobs)
@@ -158,13 +176,38 @@ def fine_tune(opts: RunOptions, method: MethodSpec, spec: datasets.DatasetSpec, 
 
 def _settings(spec: datasets.DatasetSpec, opts: RunOptions) -> EvalSettings:
     p = spec.preset
-    return EvalSettings(p.eval_mode, p.window, p.stride, opts.batch_size, opts.device)
+    return EvalSettings(p.eval_mode, p.window, p.stride, opts.batch_size, opts.device, p.resize_short)
+
+
+def pending_ops(opts: RunOptions) -> Optional[list]:
+    """Operating points of ``opts`` not yet stored for its checkpoint; None while a
+    checkpoint it needs is not trained (then nothing can be known). Cheap: no training,
+    no evaluation."""
+    method = get_method(opts.method)
+    spec = datasets.get_spec(opts.dataset, opts.data_root)
+    base_cfg = train_config(opts, spec)
+    payload = stored_checkpoint(opts, base_cfg)
+    if payload is not None and method.fine_tune is not None:
+        payload = stored_checkpoint(opts, fine_tune_config(method, base_cfg, payload["weights"]))
+    if payload is None:
+        return None
+    ops = opts.ops if opts.ops is not None else method.default_ops
+    if opts.replace:
+        return list(ops)
+    store = ResultsStore(opts.results)
+    return [k for k in ops if not store.exists(_identity(method.name, k, spec, payload["weights"]))]
 
 
 def run(opts: RunOptions) -> list[dict]:
-    """Evaluate one method on one dataset at its operating points; returns the records."""
+    """Evaluate one method on one dataset at its operating points; returns the records.
+
+    Under torchrun every process trains and evaluates its share; rank 0 alone times
+    throughput (the protocol is one process), writes the records and returns them, the
+    others return [].
+    """
+    opts = replace(opts, device=distributed.setup(opts.device))
     method = get_method(opts.method)
-    spec = datasets.get_spec(opts.dataset)
+    spec = datasets.get_spec(opts.dataset, opts.data_root)
     if opts.threads < 1 or opts.batch_size < 1:
         raise BenchError("--threads and --batch-size must be at least 1")
     torch.set_num_threads(opts.threads)
@@ -190,7 +233,9 @@ def run(opts: RunOptions) -> list[dict]:
             raise BenchError(f"bad operating point {knobs} for {method.name}: {e}") from None
     checkpoint = payload.get("weights")
     if not opts.replace:  # resume: operating points already stored are not measured again
-        policies = [p for p in policies if not store.exists(_identity(method.name, p[0], spec, checkpoint))]
+        todo = [i for i, p in enumerate(policies) if not store.exists(_identity(method.name, p[0], spec, checkpoint))]
+        todo = distributed.broadcast_object(todo)  # rank 0 decides for all
+        policies = [policies[i] for i in todo]
     if not policies:
         return []
 
@@ -204,8 +249,13 @@ def run(opts: RunOptions) -> list[dict]:
     base_eval = evaluate(base_model, base_policy, val, settings, FlopModel(base_model, base_policy), **common)
     evals = [evaluate(model, policy, val, settings, FlopModel(model, policy), scale=scale, **common)
              for _, policy, scale in policies]
+    if not distributed.is_main():  # timing is one process's job: wait for rank 0 to time and write
+        distributed.barrier()
+        return []
 
-    timing = torch.stack([val[i][0] for i in range(min(opts.timing_images, len(val)))])
+    timing = [val[i][0] for i in range(min(opts.timing_images, len(val)))]
+    if len({t.shape for t in timing}) == 1:  # else a list: images of different sizes (ADE20K)
+        timing = torch.stack(timing)
     runs = {"baseline": (base_model, base_policy, 1.0)}
     runs.update({f"op{i}": (model, policy, scale) for i, (_, policy, scale) in enumerate(policies)})
     speeds = {}
@@ -247,6 +297,7 @@ def run(opts: RunOptions) -> list[dict]:
                      "scale": scale},
             "seed": opts.seed,
             "train": {"steps": base_cfg.steps, "config_hash": payload["config"].get("hash")},
+            **({"eval_processes": distributed.world_size()} if distributed.is_distributed() else {}),
             **env,
         }
         records.append(record)
@@ -254,6 +305,7 @@ def run(opts: RunOptions) -> list[dict]:
         store.append(record, replace=opts.replace)
     if method.map_ops:
         write_maps(opts, method, spec, trained, model, val)
+    distributed.barrier()
     return records
 
 

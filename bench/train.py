@@ -5,13 +5,22 @@ Every random draw of step ``s`` (which images, how they are augmented, dropout) 
 seeded from (seed, s), never from a running generator, so a run killed at any point and
 resumed from its last checkpoint reaches the same weights as an uninterrupted run.
 A method that fine-tunes (PAUMER, early exit) passes a ``loss_fn`` and extra modules.
+
+Under torchrun (``bench.distributed``) the loop runs with DistributedDataParallel:
+``cfg.batch_size`` is the *global* batch; every process builds the same deterministic
+batch of step ``s`` and trains on its strided slice (rank, rank + W, ...), gradients are
+averaged across processes, and the learning rate is unchanged, so a run means the same
+thing on 1 or N processes. Only rank 0 writes checkpoints and shows progress.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
+import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from bench import distributed
 from bench.errors import BenchError
 
 IGNORE_INDEX = 255
@@ -48,10 +58,13 @@ class TrainConfig:
     crop_size: int = 128
     scale_range: tuple = (0.5, 2.0)
     seed: int = 0
+    optimizer: str = "adamw"  # or "sgd": momentum 0.9 (Segmenter's recipe on real data)
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["scale_range"] = list(self.scale_range)
+        if d["optimizer"] == "adamw":  # added later: the default keeps earlier config hashes
+            del d["optimizer"]
         return d
 
     def hash(self) -> str:
@@ -121,10 +134,24 @@ class StepBatches(torch.utils.data.Dataset):
         images, labels = [], []
         for i in self.indices(step):
             img, lab = self.dataset[i]
-            img, lab = augment(img, lab, self.cfg.crop_size, self.cfg.scale_range, g)
+            # a file dataset brings its own: same draws, resamples only the crop
+            img, lab = getattr(self.dataset, "augment", augment)(img, lab, self.cfg.crop_size,
+                                                                 self.cfg.scale_range, g)
             images.append(img)
             labels.append(lab)
         return torch.stack(images), torch.stack(labels)
+
+
+def step_loader(dataset, cfg: TrainConfig, start: int = 0, *, device: str = "cpu",
+                num_workers: Optional[int] = None) -> torch.utils.data.DataLoader:
+    """The batches of steps ``start`` .. ``cfg.steps - 1``, decoded and augmented in
+    ``num_workers`` processes (default: what the dataset asks for, ``loader_workers``;
+    0 = in this process, right for in-memory data), pinned when training on CUDA."""
+    if num_workers is None:
+        num_workers = getattr(dataset, "loader_workers", 0)
+    return torch.utils.data.DataLoader(StepBatches(dataset, cfg), sampler=range(start, cfg.steps), batch_size=None,
+                                       num_workers=num_workers, pin_memory=device.startswith("cuda"),
+                                       persistent_workers=False)
 
 
 def weights_hash(model: nn.Module) -> str:
@@ -137,11 +164,22 @@ def weights_hash(model: nn.Module) -> str:
 
 
 def save_checkpoint(path: Path, payload: dict) -> None:
-    """Atomic: a kill mid-save leaves the previous checkpoint intact."""
+    """Atomic: a kill mid-save leaves the previous checkpoint intact. The temporary file
+    is unique to this process, so two processes saving the same checkpoint cannot
+    interleave their bytes (the last complete one wins)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's file is private; a checkpoint is not
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -159,6 +197,18 @@ def default_loss(model, images: Tensor, labels: Tensor) -> Tensor:
     return F.cross_entropy(model(images), labels, ignore_index=IGNORE_INDEX)
 
 
+class _Loss(nn.Module):
+    """``loss_fn(model, images, labels)`` as a module's forward, so that
+    DistributedDataParallel wraps any method's loss (heads, simulated pausing) unchanged."""
+
+    def __init__(self, model: nn.Module, loss_fn: Callable):
+        super().__init__()
+        self.model, self.loss_fn = model, loss_fn
+
+    def forward(self, images: Tensor, labels: Tensor) -> Tensor:
+        return self.loss_fn(self.model, images, labels)
+
+
 def train(
     model: nn.Module,
     dataset,
@@ -168,18 +218,29 @@ def train(
     loss_fn: Callable = default_loss,
     device: str = "cpu",
     checkpoint_every: int = 100,
-    num_workers: int = 0,
+    num_workers: Optional[int] = None,
     progress: bool = True,
     stop_after: Optional[int] = None,
 ) -> dict:
     """Train ``model`` (in place) to ``cfg.steps``, resuming from ``path`` if present.
 
     Returns the final checkpoint payload. ``stop_after`` ends the run early at that step
-    (as an interruption would), used by tests of resumption.
+    (as an interruption would), used by tests of resumption. Under torchrun every process
+    calls this with the same arguments (see the module notes); the payload they return
+    is the same.
     """
+    rank, world = distributed.rank(), distributed.world_size()
+    if cfg.batch_size % world:
+        raise BenchError(f"the global batch of {cfg.batch_size} images cannot be split evenly over {world} "
+                         f"processes; use a number of processes that divides it")
     model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+    elif cfg.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    else:
+        raise BenchError(f"unknown optimizer {cfg.optimizer!r}; expected 'adamw' or 'sgd'")
     start = 0
     if path.exists():
         payload = load_checkpoint(path)
@@ -192,41 +253,59 @@ def train(
     if start >= cfg.steps:
         return payload
 
-    batches = StepBatches(dataset, cfg)
-    sampler = range(start, cfg.steps)
-    loader = torch.utils.data.DataLoader(batches, sampler=sampler, batch_size=None, num_workers=num_workers,
-                                         pin_memory=device.startswith("cuda"), persistent_workers=False)
+    loader = step_loader(dataset, cfg, start, device=device, num_workers=num_workers)
     model.train()
+    forward = _Loss(model, loss_fn)
+    if world > 1:
+        # device_ids: the one GPU of this process (None on CPU); parameters are broadcast
+        # from rank 0 here, gradients averaged in backward
+        forward = nn.parallel.DistributedDataParallel(
+            forward, device_ids=[torch.device(device).index] if device.startswith("cuda") else None)
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
+    show = progress and rank == 0
+    if show:
+        split = f" = {world} processes x {cfg.batch_size // world}" if world > 1 else ""
+        tqdm.write(f"train {cfg.method}: global batch {cfg.batch_size}{split}, lr {cfg.lr:g} (warm-up "
+                   f"{cfg.warmup_steps} steps, poly decay), {cfg.steps} steps, from step {start}", file=sys.stderr)
     bar = tqdm(total=cfg.steps, initial=start, desc=f"train {cfg.method}", unit="it",
-               disable=not progress, dynamic_ncols=True)
+               disable=not show, dynamic_ncols=True)
     step = start
 
-    def checkpoint(step: int) -> dict:
+    def checkpoint(step: int, final: bool = False) -> Optional[dict]:
+        if rank != 0 and not final:  # only rank 0 writes; every rank needs the final payload
+            return None
         payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
                    "config": {**cfg.to_dict(), "hash": cfg.hash()}, "done": step >= cfg.steps,
                    "weights": weights_hash(model)}
-        save_checkpoint(path, payload)
+        if rank == 0:
+            save_checkpoint(path, payload)
         return payload
 
     t0 = time.perf_counter()
     completed, stepping = start, False
     try:
         for step, (images, labels) in zip(range(start, end), loader):
-            torch.manual_seed(int(_rng(cfg.seed, 2, step).initial_seed()))  # dropout / drop-path
+            # dropout / drop-path: per step, and per process when there are several
+            keys = (2, step) if world == 1 else (2, step, rank)
+            torch.manual_seed(int(_rng(cfg.seed, *keys).initial_seed()))
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(cfg, step)
+            if world > 1:  # this process's share of the global batch
+                images, labels = images[rank::world], labels[rank::world]
             images, labels = normalize(images.to(device, non_blocking=True)), labels.to(device, non_blocking=True)
-            loss = loss_fn(model, images, labels)
-            if not math.isfinite(loss.item()):
-                raise BenchError(f"training diverged at step {step} (loss {loss.item()}); lower the learning rate")
+            loss = forward(images, labels)
+            value = loss.item()
+            if world > 1:  # the mean over processes: what is shown, and every rank stops together
+                value = distributed.all_reduce_sum(torch.tensor([value], dtype=torch.float64)).item() / world
+            if not math.isfinite(value):
+                raise BenchError(f"training diverged at step {step} (loss {value}); lower the learning rate")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             stepping = True
             optimizer.step()
             stepping, completed = False, step + 1
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{learning_rate(cfg, step):.2e}")
+            bar.set_postfix(loss=f"{value:.3f}", lr=f"{learning_rate(cfg, step):.2e}")
             if completed % checkpoint_every == 0 and completed < end:
                 checkpoint(completed)
     except KeyboardInterrupt:
@@ -236,6 +315,7 @@ def train(
         raise
     bar.close()
     model.eval()
-    payload = checkpoint(end)
+    payload = checkpoint(end, final=True)
+    distributed.barrier()  # the checkpoint is on disk before any process goes on
     payload["seconds"] = time.perf_counter() - t0
     return payload

@@ -36,3 +36,23 @@ def test_report_is_deterministic_and_skips_corrupt_lines(tmp_path, capsys):
 def test_report_on_empty_results_is_a_clear_error(tmp_path):
     with pytest.raises(BenchError, match="no result records"):
         report(str(tmp_path / "nothing"), str(tmp_path / "out"))
+
+
+def test_report_index_tokens_figure_and_skipped_datasets(tmp_path, capsys):
+    from bench.results import ResultsStore
+
+    store = ResultsStore(tmp_path / "res")
+    store.append(record("baseline", {}, 0.6, 2.0) | {"tokens_per_block": [1.0, 1.0]})
+    store.append(record("paumer", {"tau": 0.2}, 0.59, 1.2) | {"tokens_per_block": [1.0, 0.4]})
+    store.append(record("baseline", {}, 0.5, 2.0) | {"dataset": "cityscapes"})  # drawn with the seed point
+    (tmp_path / "res" / "figures").mkdir()
+    (tmp_path / "res" / "figures" / "toy-paumer-compute-maps.png").write_bytes(b"png")
+    written = report(str(tmp_path / "res"), str(tmp_path / "out"))
+    names = {p.name for p in written}
+    assert {"toy-tokens-per-block.png", "toy-paumer-compute-maps.png", "cityscapes-tradeoff.svg",
+            "README.md"} <= names
+    assert "cityscapes-tokens-per-block.png" not in names  # no dynamic method there
+    index = (tmp_path / "out" / "README.md").read_text()
+    assert "[toy.md](toy.md)" in index and "[toy-paumer-compute-maps.png]" in index
+    assert "No records for synthetic, ade20k, folder: skipped." in index
+    assert "skipped" in capsys.readouterr().out

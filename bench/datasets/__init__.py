@@ -28,6 +28,11 @@ class DatasetPreset:
     model: str = "tiny"
     decoder: str = "linear"
     val_split: str = "val"
+    # resize rule: None = as stored; N = short side N (evaluation resizes the image, not
+    # the label; training rescales to it before the random rescale)
+    resize_short: Optional[int] = None
+    optimizer: str = "adamw"  # "adamw", or "sgd" (momentum 0.9, Segmenter's recipe)
+    weight_decay: float = 0.05
 
 
 @dataclass(frozen=True)
@@ -41,6 +46,8 @@ class DatasetSpec:
     description: str = ""
     # (root) -> {split: count} without loading everything; None: open each split
     count_splits: Optional[Callable] = None
+    # (spec, root) -> the spec for the data under root (classes, preset read from there)
+    resolve: Optional[Callable] = None
 
     @property
     def num_classes(self) -> int:
@@ -73,6 +80,69 @@ def _synthetic_classes() -> tuple[str, ...]:
     return tuple(CLASSES)
 
 
+def _preset(name: str) -> DatasetPreset:
+    return DATASETS[name].preset
+
+
+def _open_cityscapes(split: str, root: Path):
+    from bench.datasets import cityscapes
+
+    return cityscapes.open_split(split, root)
+
+
+def _count_cityscapes(root: Path) -> dict:
+    from bench.datasets import cityscapes
+
+    return cityscapes.count_splits(root)
+
+
+def _open_ade20k(split: str, root: Path):
+    from bench.datasets import ade20k
+
+    return ade20k.open_split(split, root, train_short_side=_preset("ade20k").resize_short)
+
+
+def _count_ade20k(root: Path) -> dict:
+    from bench.datasets import ade20k
+
+    return ade20k.count_splits(root)
+
+
+def _open_folder(split: str, root: Path):
+    from bench.datasets import folder
+
+    return folder.open_split(split, root, train_short_side=get_spec("folder", str(root)).preset.resize_short)
+
+
+def _count_folder(root: Path) -> dict:
+    from bench.datasets import folder
+
+    return folder.count_splits(root)
+
+
+def _resolve_folder(spec: "DatasetSpec", root: Path) -> "DatasetSpec":
+    from bench.datasets import folder
+
+    return folder.resolve(spec, root)
+
+
+def _cityscapes_classes() -> tuple[str, ...]:
+    from bench.datasets.cityscapes import CLASSES
+
+    return CLASSES
+
+
+def _ade20k_classes() -> tuple[str, ...]:
+    from bench.datasets.ade20k import CLASSES
+
+    return CLASSES
+
+
+# Segmenter's recipe (github.com/rstrudel/segmenter, segm/config.yml): SGD, momentum 0.9,
+# no weight decay, poly schedule, batch 8; Cityscapes 216 epochs of 2975 images
+# (~80k iterations), lr 0.01, crops 768, windows 768 / stride 512; ADE20K 64 epochs of
+# 20210 images (~160k iterations), lr 0.001, short side 512, crops and windows 512.
+# Model: ViT-S/16 with the mask decoder (Seg-S-Mask/16); --model vit_tiny / vit_base.
 DATASETS: dict[str, DatasetSpec] = {
     "synthetic": DatasetSpec(
         name="synthetic",
@@ -86,26 +156,72 @@ DATASETS: dict[str, DatasetSpec] = {
         description="generated street scenes, 128x128 (cached on first use)",
         count_splits=_count_synthetic,
     ),
+    "cityscapes": DatasetSpec(
+        name="cityscapes",
+        classes=_cityscapes_classes(),
+        preset=DatasetPreset(eval_mode="slide", window=768, stride=512, crop_size=768, scale_range=(0.5, 2.0),
+                             batch_size=8, lr=0.01, steps=80_000, model="vit_small", decoder="mask",
+                             optimizer="sgd", weight_decay=0.0),
+        root_env="CITYSCAPES_DATASET",
+        default_root="data/cityscapes",
+        open_split=_open_cityscapes,
+        description="19 train-id classes, 1024x2048 (leftImg8bit + gtFine)",
+        count_splits=_count_cityscapes,
+    ),
+    "ade20k": DatasetSpec(
+        name="ade20k",
+        classes=_ade20k_classes(),
+        preset=DatasetPreset(eval_mode="slide", window=512, stride=512, crop_size=512, scale_range=(0.5, 2.0),
+                             batch_size=8, lr=0.001, steps=160_000, model="vit_small", decoder="mask",
+                             resize_short=512, optimizer="sgd", weight_decay=0.0),
+        root_env="ADE20K_DATASET",
+        default_root="data/ade20k",
+        open_split=_open_ade20k,
+        description="150 classes, short side 512 (ADEChallengeData2016)",
+        count_splits=_count_ade20k,
+    ),
+    "folder": DatasetSpec(
+        name="folder",
+        classes=(),  # read from <root>/classes.txt by `resolve`
+        preset=DatasetPreset(eval_mode="slide", window=512, stride=512, crop_size=512, scale_range=(0.5, 2.0),
+                             batch_size=8, lr=0.001, steps=20_000, model="vit_small", decoder="mask",
+                             optimizer="sgd", weight_decay=0.0),
+        root_env="BENCH_FOLDER_ROOT",
+        default_root="data/folder",
+        open_split=_open_folder,
+        description="your images + label PNGs + classes.txt",
+        count_splits=_count_folder,
+        resolve=_resolve_folder,
+    ),
 }
 
 
-def get_spec(name: str) -> DatasetSpec:
+def get_spec(name: str, root: Optional[str] = None) -> DatasetSpec:
+    """The dataset's spec; for a dataset whose classes live with the data (``folder``),
+    read from ``root`` (or its environment variable / default root)."""
     if name not in DATASETS:
         raise BenchError(f"unknown dataset {name!r}; expected one of: {', '.join(DATASETS)}")
-    return DATASETS[name]
+    spec = DATASETS[name]
+    if spec.resolve is not None:
+        spec = spec.resolve(spec, spec.root(root))
+    return spec
 
 
 def open_dataset(name: str, split: str, root: Optional[str] = None):
-    spec = get_spec(name)
+    if name not in DATASETS:
+        get_spec(name)  # raises
+    spec = DATASETS[name]
     return spec.open_split(split, spec.root(root))
 
 
 def dataset_status(name: str, root: Optional[str] = None) -> dict:
-    """Where a dataset is looked for, whether it is there, and image counts per split."""
-    spec = get_spec(name)
+    """Where a dataset is looked for, whether it is there, and image counts per split;
+    ``problem`` says what is wrong with a tree that is missing or malformed."""
+    spec = DATASETS[name] if name in DATASETS else get_spec(name)
     where = spec.root(root)
     status = {"name": name, "root": str(where), "env": spec.root_env, "found": False, "splits": {}, "problem": None}
     try:
+        spec = get_spec(name, root)
         if spec.count_splits is not None:
             status["splits"] = spec.count_splits(where)
         else:
@@ -115,3 +231,36 @@ def dataset_status(name: str, root: Optional[str] = None) -> dict:
     except BenchError as e:
         status["problem"] = str(e)
     return status
+
+
+def loader_speed(name: str, root: Optional[str] = None, *, batches: int = 20, workers: Optional[int] = None,
+                 device: str = "cpu", seed: int = 0) -> dict:
+    """Images per second of the training loader alone (decoding + augmentation in its
+    workers, pinned memory and the copy to ``device``), over ``batches`` batches after
+    one warm-up batch (worker start-up), with the dataset's preset (crop, batch, scale)."""
+    import time
+
+    import torch
+
+    from bench.train import TrainConfig, step_loader
+
+    spec = get_spec(name, root)
+    p = spec.preset
+    dataset = open_dataset(name, "train", root)
+    cfg = TrainConfig(dataset=name, num_classes=spec.num_classes, steps=batches + 1, batch_size=p.batch_size,
+                      crop_size=p.crop_size, scale_range=p.scale_range, seed=seed)
+    loader = step_loader(dataset, cfg, 0, device=device, num_workers=workers)
+    it = iter(loader)
+    images, labels = next(it)  # warm-up: workers start, first batch
+    start = time.perf_counter()
+    n = 0
+    for images, labels in it:
+        images.to(device, non_blocking=True)
+        labels.to(device, non_blocking=True)
+        n += len(images)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    return {"dataset": name, "images": n, "seconds": seconds, "images_per_s": n / seconds if seconds else float("inf"),
+            "batch_size": p.batch_size, "crop_size": p.crop_size, "batches": batches,
+            "workers": loader.num_workers, "pin_memory": loader.pin_memory}

@@ -1,0 +1,176 @@
+"""`bench sweep`: many (method, dataset) rows as jobs, through submitit.
+
+One job per dataset trains the baseline checkpoint when it is missing; then one job per
+method and dataset runs ``bench.runner.run`` (which fine-tunes the method's own
+checkpoint if it needs one, and measures the baseline in the same process). Method jobs
+start only once their dataset's baseline exists, so no two jobs ever train the same
+checkpoint: on Slurm they depend on the baseline job (``afterok``); locally the jobs run
+one after another, which also keeps one job's timing from disturbing another's.
+
+Everything is resumable: a job skips the operating points already stored and resumes
+training from the last checkpoint, and the sweep does not submit a job whose points are
+all stored. A job that Slurm preempts or times out is requeued by submitit
+(``Checkpointable``) and resumes the same way; a job that failed or was killed is run
+again by running the same ``bench sweep`` command.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Optional
+
+import submitit
+
+from bench import datasets, distributed
+from bench.errors import BenchError
+from bench.runner import (RunOptions, get_method, pending_ops, run, stored_checkpoint, train_checkpoint,
+                          train_config)
+
+CLUSTERS = ("local", "slurm")
+
+
+class SweepJob(submitit.helpers.Checkpointable):
+    """What one job runs: ``kind`` "train" (the dataset's baseline checkpoint) or "run"
+    (one method on one dataset). On preemption or timeout submitit pickles it again
+    and requeues it (``Checkpointable``): it resumes from the stored state."""
+
+    def __init__(self, kind: str, opts: RunOptions):
+        self.kind, self.opts = kind, opts
+
+    def __call__(self):
+        if submitit.JobEnvironment().num_tasks > 1:  # one task per GPU: torchrun's variables
+            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+        try:
+            if self.kind == "train":
+                spec = datasets.get_spec(self.opts.dataset, self.opts.data_root)
+                _, payload = train_checkpoint(self.opts, train_config(self.opts, spec))
+                return {"weights": payload["weights"], "step": payload["step"]}
+            return [{"method": r["method"], "knobs": r["knobs"]} for r in run(self.opts)]
+        finally:
+            distributed.cleanup()
+
+
+@dataclass
+class JobReport:
+    dataset: str
+    what: str  # "baseline checkpoint" or the method
+    job_id: Optional[str] = None
+    state: str = "submitted"  # submitted, done, failed, skipped
+    stdout: Optional[Path] = None
+    stderr: Optional[Path] = None
+    message: str = ""
+
+
+def _last_line(text: str) -> str:
+    lines = [l.strip() for l in str(text).splitlines() if l.strip() and not l.startswith("---")]
+    return lines[-1] if lines else str(text)
+
+
+def _wait(job, report: JobReport, poll_s: float = 0.2) -> JobReport:
+    while not job.done():
+        time.sleep(poll_s)
+    if not job.paths.result_pickle.exists():  # killed: the job never wrote its outcome
+        report.state, report.message = "failed", f"killed before it finished ({job.state})"
+        return report
+    error = job.exception()
+    if error is not None:
+        report.state, report.message = "failed", _last_line(error)
+        return report
+    result = job.result()
+    report.state = "done"
+    if isinstance(result, dict):
+        report.message = f"checkpoint {result['weights']} after {result['step']} steps"
+    else:
+        report.message = f"{len(result)} record(s) appended" if result else "nothing left to measure"
+    return report
+
+
+def sweep(base: RunOptions, methods: list[str], dataset_names: list[str], ops: Optional[dict] = None, *,
+          cluster: str = "local", folder: str = "sweeps", gpus_per_node: Optional[int] = None,
+          partition: Optional[str] = None, cpus_per_task: Optional[int] = None, mem_gb: Optional[float] = None,
+          time_min: int = 720, slurm_params: Optional[dict] = None, wait: Optional[bool] = None,
+          echo: Callable[[str], None] = print, job_class=SweepJob) -> list[JobReport]:
+    """Runs (local) or submits (slurm) the jobs of a sweep; returns one report per job.
+
+    ``base`` holds every run option but the method and dataset; ``ops`` maps a method to
+    its operating points (knob dicts; a method not in it runs its default sweep).
+    ``wait``: slurm only (local always waits), wait for the jobs and report how they ended.
+    """
+    if cluster not in CLUSTERS:
+        raise BenchError(f"unknown cluster {cluster!r}; expected one of: {', '.join(CLUSTERS)}")
+    for m in methods:
+        get_method(m)
+    for d in dataset_names:
+        datasets.get_spec(d, base.data_root)
+    ops = ops or {}
+    wait = cluster == "local" or bool(wait)
+    if gpus_per_node is None:
+        gpus_per_node = 1 if base.device.startswith("cuda") else 0
+    # jobs may start elsewhere (another node, another folder): absolute paths
+    base = replace(base, checkpoints=str(Path(base.checkpoints).resolve()), results=str(Path(base.results).resolve()),
+                   data_root=str(Path(base.data_root).resolve()) if base.data_root else None)
+    try:
+        executor = submitit.AutoExecutor(folder=Path(folder).resolve() / "%j", cluster=cluster)
+    except RuntimeError as e:  # slurm: no sbatch/srun here
+        raise BenchError(f"--cluster {cluster}: {e}") from None
+    params = dict(timeout_min=time_min, gpus_per_node=gpus_per_node, tasks_per_node=max(1, gpus_per_node),
+                  cpus_per_task=cpus_per_task, mem_gb=mem_gb)
+    extra = dict(slurm_params or {})
+    if cluster == "slurm":
+        params["slurm_partition"] = partition
+    how = "one job at a time on this machine" if cluster == "local" else "submitted to Slurm"
+    echo(f"sweep: {len(methods)} method(s) x {len(dataset_names)} dataset(s), {how}; "
+         f"job folders and logs under {Path(folder).resolve()}/<job id>/")
+
+    reports: list[JobReport] = []
+    pending: list[tuple] = []  # slurm: (job, report) still running when submitted
+
+    def submit(kind: str, opts: RunOptions, report: JobReport, after=None):
+        name = f"bench-{report.dataset}-{report.what.split()[0]}"
+        slurm = {"slurm_additional_parameters": dict(extra)} if cluster == "slurm" else {}
+        if after is not None and cluster == "slurm":
+            slurm["slurm_additional_parameters"]["kill-on-invalid-dep"] = "yes"
+            slurm["slurm_dependency"] = f"afterok:{after.job_id}"
+        executor.update_parameters(name=name, **params, **slurm)
+        job = executor.submit(job_class(kind, opts))
+        report.job_id, report.stdout, report.stderr = job.job_id, job.paths.stdout, job.paths.stderr
+        echo(f"[{report.dataset}] {report.what}: job {job.job_id}, log {job.paths.stdout} "
+             f"(errors: {job.paths.stderr.name})"
+             + (f", after job {after.job_id}" if after is not None and cluster == "slurm" else ""))
+        reports.append(report)
+        if cluster == "local":
+            _wait(job, report)
+            echo(f"[{report.dataset}] {report.what}: job {job.job_id} {report.state}: {report.message}")
+        else:
+            pending.append((job, report))
+        return job
+
+    for name in dataset_names:
+        opts = replace(base, dataset=name)
+        spec = datasets.get_spec(name, base.data_root)
+        first = None
+        if stored_checkpoint(opts, train_config(opts, spec)) is None:
+            first = submit("train", replace(opts, method="baseline"), JobReport(name, "baseline checkpoint"))
+            if first is not None and cluster == "local" and reports[-1].state != "done":
+                for m in methods:  # their baseline is missing: running them would train it again
+                    reports.append(JobReport(name, m, state="skipped", message="the baseline checkpoint job failed"))
+                    echo(f"[{name}] {m}: not run: the baseline checkpoint job failed")
+                continue
+        for m in methods:
+            method_opts = replace(opts, method=m, ops=ops.get(m))
+            todo = pending_ops(method_opts)
+            if todo is not None and not todo:
+                reports.append(JobReport(name, m, state="skipped", message="every operating point is stored"))
+                echo(f"[{name}] {m}: nothing to do: every operating point is stored")
+                continue
+            submit("run", method_opts, JobReport(name, m), after=first)
+
+    if wait:
+        for job, report in pending:
+            _wait(job, report, poll_s=10.0)
+            echo(f"[{report.dataset}] {report.what}: job {job.job_id} {report.state}: {report.message}")
+    elif pending:
+        echo(f"{len(pending)} job(s) submitted; follow them with `squeue -u $USER` and their logs above. "
+             "Run the same command again to resubmit what failed: stored points are skipped.")
+    return reports
