@@ -33,7 +33,18 @@ def pareto_front(cost: pd.Series, quality: pd.Series) -> pd.Series:
     return pd.Series(on, index=cost.index)
 
 
+def series(method: str, knobs: dict) -> str:
+    """The line a point belongs to in the figures: the method, plus every knob that its
+    sweep does not vary (``early-exit mode=image``, ``paumer batching=packed``)."""
+    from methods import METHODS
+
+    swept = METHODS[method].swept if method in METHODS else ""
+    fixed = {k: v for k, v in knobs.items() if k != swept}
+    return f"{method} {_op(fixed)}" if fixed else method
+
+
 def table(records: list[dict]) -> pd.DataFrame:
+    """One row per record (columns ``COLUMNS``, plus ``series`` for the figures)."""
     rows = []
     for r in records:
         speed = r.get("speed", {})
@@ -45,9 +56,11 @@ def table(records: list[dict]) -> pd.DataFrame:
             "img/s b1": b1.get("throughput"), "speedup b1": b1.get("speedup"),
             "img/s b8": b8.get("throughput"), "speedup b8": b8.get("speedup"),
             "p50 ms": b1.get("latency_ms", {}).get("p50"), "p90 ms": b1.get("latency_ms", {}).get("p90"),
+            "series": series(r["method"], r["knobs"]),
         })
-    df = pd.DataFrame(rows, columns=COLUMNS[:-1])
+    df = pd.DataFrame(rows, columns=COLUMNS[:-1] + ["series"])
     df["pareto"] = pareto_front(df["GFLOPs"], df["mIoU"])
+    df = df[COLUMNS + ["series"]]
     return df.sort_values(["method", "GFLOPs"], ascending=[True, False], kind="stable").reset_index(drop=True)
 
 
@@ -55,6 +68,7 @@ def markdown(df: pd.DataFrame) -> str:
     fmt = {"mIoU": "{:.2f}", "ΔmIoU": "{:+.2f}", "GFLOPs": "{:.3f}", "ΔGFLOPs %": "{:+.1f}",
            "img/s b1": "{:.1f}", "speedup b1": "{:.2f}x", "img/s b8": "{:.1f}", "speedup b8": "{:.2f}x",
            "p50 ms": "{:.1f}", "p90 ms": "{:.1f}"}
+    df = df[COLUMNS]
     lines = ["| " + " | ".join(df.columns) + " |", "|" + "---|" * len(df.columns)]
     for _, row in df.iterrows():
         cells = []
@@ -83,11 +97,13 @@ def _pyplot():
     import seaborn as sns
 
     sns.set_theme(style="whitegrid", context="paper")
+    plt.rcParams["svg.hashsalt"] = "bench"  # fixed SVG ids: same records, same bytes
     return plt, sns
 
 
-def _save(fig, path: Path) -> list[Path]:
-    fig.tight_layout()
+def _save(fig, path: Path, layout: bool = True) -> list[Path]:
+    if layout:
+        fig.tight_layout()
     paths = [path.with_suffix(".png"), path.with_suffix(".svg")]
     fig.savefig(paths[0], dpi=150)
     fig.savefig(paths[1], metadata={"Date": None})  # no timestamp: same records, same file
@@ -95,21 +111,22 @@ def _save(fig, path: Path) -> list[Path]:
 
 
 def figure(df: pd.DataFrame, dataset: str, path: Path) -> list[Path]:
+    """mIoU against GFLOPs and against the same-run speedups, one line per series."""
     plt, sns = _pyplot()
     speed_columns = [c for c in ("speedup b1", "speedup b8") if df[c].notna().any()]
-    fig, axes = plt.subplots(1, 1 + len(speed_columns), figsize=(5 * (1 + len(speed_columns)), 4), squeeze=False)
-    methods = sorted(df["method"].unique())
+    fig, axes = plt.subplots(1, 1 + len(speed_columns), figsize=(5 * (1 + len(speed_columns)), 4.6),
+                             squeeze=False)
+    lines = sorted(df["series"].unique())
     base = df[df["method"] == "baseline"]["mIoU"]
     panels = [("GFLOPs", "GFLOPs per image (fvcore, MAC)")]
     # absolute CPU throughput differs between runs; the same-run ratio is what compares
-    panels += [(c, f"speedup at batch {c[len('speedup b'):]} (vs the baseline timed in the same run)")
-               for c in speed_columns]
+    panels += [(c, f"speedup at batch {c[len('speedup b'):]} (vs the baseline, same run)") for c in speed_columns]
     for ax, (x, label) in zip(axes[0], panels):
         data = df[df[x].notna()].sort_values(x)
-        sns.lineplot(data=data, x=x, y="mIoU", hue="method", style="method", markers=True,
-                     dashes=False, ax=ax, sort=False, hue_order=methods, style_order=methods)
+        sns.lineplot(data=data, x=x, y="mIoU", hue="series", style="series", markers=True, markersize=7,
+                     dashes=False, ax=ax, sort=False, hue_order=lines, style_order=lines, legend=ax is axes[0][0])
         front = data[pareto_front(data[x] if x == "GFLOPs" else -data[x], data["mIoU"])]
-        ax.scatter(front[x], front["mIoU"], s=120, facecolors="none", edgecolors="black", label="Pareto front")
+        ax.scatter(front[x], front["mIoU"], s=130, facecolors="none", edgecolors="black", label="Pareto front")
         if len(base):
             ax.axhline(base.iloc[0], color="grey", linestyle="--", linewidth=0.8, label="baseline mIoU")
             if x != "GFLOPs" and dataset in SEED_POINTS:
@@ -118,35 +135,49 @@ def figure(df: pd.DataFrame, dataset: str, path: Path) -> list[Path]:
                            label=f"seed paper: {speedup}x at -{100 * drop:.2g}% mIoU")
         ax.set_xlabel(label)
         ax.set_ylabel("mIoU (%)")
-        ax.legend(fontsize=7)
+    handles, labels = {}, []
+    for ax in axes[0]:  # one legend for the figure, below the panels
+        for h, l in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(l, h)
+        if ax.get_legend() is not None:
+            ax.get_legend().remove()
+    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=min(5, len(handles)), fontsize=8,
+               frameon=False)
     fig.suptitle(f"{dataset}: accuracy against cost", fontsize=10)
-    paths = _save(fig, path)
+    fig.tight_layout(rect=(0, 0.06 + 0.035 * ((len(handles) - 1) // 5), 1, 1))
+    paths = _save(fig, path, layout=False)
     plt.close(fig)
     return paths
 
 
 def tokens_figure(records: list[dict], dataset: str, path: Path) -> list[Path]:
-    """Fraction of the image's tokens each block computed, one panel per dynamic method,
-    one line per operating point (averaged over the images)."""
-    rows = [{"method": r["method"], "op": _op(r["knobs"]), "block": b + 1, "fraction": f}
-            for r in records if r["method"] not in ("baseline", "static")
+    """Fraction of the image's tokens each block computed, one panel per series of a
+    dynamic method, one line per operating point (averaged over the images). How a
+    ragged batch is run (``batching``) does not change which tokens are computed, so
+    only the default is drawn."""
+    rows = [{"series": series(r["method"], r["knobs"]), "op": _op(r["knobs"]), "block": b + 1, "fraction": f}
+            for r in records if r["method"] not in ("baseline", "static") and r["knobs"].get("batching", "pad") == "pad"
             for b, f in enumerate(r.get("tokens_per_block") or [])]
     if not rows:
         return []
+    from methods import METHODS
+
     plt, sns = _pyplot()
     df = pd.DataFrame(rows)
-    methods = sorted(df["method"].unique())
-    fig, axes = plt.subplots(1, len(methods), figsize=(4.5 * len(methods), 3.6), squeeze=False, sharey=True)
-    for ax, method in zip(axes[0], methods):
-        sub = df[df["method"] == method]
-        ops = list(dict.fromkeys(sub["op"]))
-        sns.lineplot(data=sub, x="block", y="fraction", hue="op", hue_order=ops, marker="o", ax=ax,
-                     palette="viridis")
-        ax.set_title(method)
+    panels = sorted(df["series"].unique())
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 4.2), squeeze=False, sharey=True)
+    for ax, name in zip(axes[0], panels):
+        sub = df[df["series"] == name]
+        method = name.split(" ")[0]
+        swept = METHODS[method].swept if method in METHODS else ""
+        hue = sub["op"].map(lambda op: " ".join(p for p in op.split() if p.startswith(f"{swept}=")) or op)
+        sns.lineplot(x=sub["block"], y=sub["fraction"], hue=hue, hue_order=list(dict.fromkeys(hue)), marker="o",
+                     ax=ax, palette="viridis")
+        ax.set_title(name, fontsize=9)
         ax.set_xlabel("encoder block")
         ax.set_ylabel("fraction of tokens computed")
         ax.set_ylim(0, 1.05)
-        ax.legend(fontsize=6, title="operating point", title_fontsize=7)
+        ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3, frameon=False)
     fig.suptitle(f"{dataset}: where each method spends its encoder compute", fontsize=10)
     paths = _save(fig, path)
     plt.close(fig)
@@ -174,7 +205,7 @@ def report(results: str = "results", out: str = "reports") -> list[Path]:
         df = table(mine)
         md = out_dir / f"{dataset}.md"
         md.write_text(markdown(df))
-        df.to_csv(out_dir / f"{dataset}.csv", index=False, float_format="%.6g")
+        df[COLUMNS].to_csv(out_dir / f"{dataset}.csv", index=False, float_format="%.6g")
         files = [md, out_dir / f"{dataset}.csv"]
         files += figure(df, dataset, out_dir / f"{dataset}-tradeoff")
         files += tokens_figure(mine, dataset, out_dir / f"{dataset}-tokens-per-block")

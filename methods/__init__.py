@@ -31,6 +31,7 @@ class MethodSpec:
     input_scale: Callable[[dict], float] = lambda knobs: 1.0
     fine_tune: Optional[FineTune] = None  # None: the method runs on the baseline's weights
     map_ops: list = field(default_factory=list)  # operating points drawn in the compute-map figure
+    swept: str = ""  # the knob a sweep varies; the others name a variant (a line of its own in plots)
 
 
 def _baseline(model=None) -> Policy:
@@ -64,7 +65,7 @@ METHODS: dict[str, MethodSpec] = {
     "static": MethodSpec(
         "static", "the baseline on a downscaled input (prediction upsampled back)", _static,
         [{"scale": s} for s in (1.0, 0.875, 0.75, 0.625, 0.5)],
-        knob_types={"scale": float}, input_scale=lambda knobs: float(knobs.get("scale", 1.0)),
+        knob_types={"scale": float}, input_scale=lambda knobs: float(knobs.get("scale", 1.0)), swept="scale",
     ),
     "paumer": MethodSpec(
         "paumer", "patches with a confident intermediate prediction pause (skip later blocks)", _paumer,
@@ -76,13 +77,13 @@ METHODS: dict[str, MethodSpec] = {
                 m, images, labels, tau_max=tau_max, head_weight=head_weight),
             knobs={"tau_max": 0.5, "head_weight": 0.5},
         ),
-        map_ops=[{"tau": 0.1}, {"tau": 0.3}],
+        map_ops=[{"tau": 0.1}, {"tau": 0.3}], swept="tau",
     ),
     "tome": MethodSpec(
         "tome", "token merging (bipartite soft matching) in every block, unmerged before the decoder", _tome,
         # r merged per block; 36 is the largest constant r for `tiny` on 128x128 (256 tokens, 6 blocks)
         [{"r": r} for r in (0, 8, 16, 24, 32, 36)],
-        knob_types={"r": int, "schedule": str},
+        knob_types={"r": int, "schedule": str}, swept="r",
     ),
     "early-exit": MethodSpec(
         "early-exit", "confident tokens (mode=token) or images (mode=image) exit with an intermediate head's label",
@@ -95,6 +96,6 @@ METHODS: dict[str, MethodSpec] = {
                 m, images, labels, head_weight=head_weight),
             knobs={"head_weight": 0.5},
         ),
-        map_ops=[{"mode": "token", "threshold": 0.95}, {"mode": "token", "threshold": 0.9}],
+        map_ops=[{"mode": "token", "threshold": 0.95}, {"mode": "token", "threshold": 0.9}], swept="threshold",
     ),
 }

@@ -23,12 +23,13 @@ def test_report_is_deterministic_and_skips_corrupt_lines(tmp_path, capsys):
 
     store = ResultsStore(tmp_path / "res")
     store.append(record("baseline", {}, 0.6, 2.0))
-    store.append(record("paumer", {"tau": 0.2}, 0.59, 1.2))
+    store.append(record("paumer", {"tau": 0.2}, 0.59, 1.2) | {"tokens_per_block": [1.0, 0.4]})
     with open(tmp_path / "res" / "toy.jsonl", "a") as f:
         f.write("{broken\n")
     report(str(tmp_path / "res"), str(tmp_path / "a"))
     report(str(tmp_path / "res"), str(tmp_path / "b"))
-    assert (tmp_path / "a" / "toy.md").read_bytes() == (tmp_path / "b" / "toy.md").read_bytes()
+    for name in ("toy.md", "toy.csv", "toy-tradeoff.svg", "toy-tokens-per-block.svg"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
     assert "toy.jsonl:3" in capsys.readouterr().out
     assert (tmp_path / "a" / "toy-tradeoff.png").exists()
 
@@ -56,3 +57,12 @@ def test_report_index_tokens_figure_and_skipped_datasets(tmp_path, capsys):
     assert "[toy.md](toy.md)" in index and "[toy-paumer-compute-maps.png]" in index
     assert "No records for synthetic, ade20k, folder: skipped." in index
     assert "skipped" in capsys.readouterr().out
+
+
+def test_series_splits_a_method_by_the_knobs_its_sweep_does_not_vary():
+    from bench.report import series
+
+    assert series("paumer", {"tau": 0.2}) == "paumer"
+    assert series("paumer", {"tau": 0.2, "batching": "packed"}) == "paumer batching=packed"
+    assert series("early-exit", {"mode": "image", "threshold": 0.9}) == "early-exit mode=image"
+    assert series("someone-elses", {"k": 1}) == "someone-elses k=1"
