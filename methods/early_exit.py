@@ -31,14 +31,14 @@ would be a constant. So threshold 1 reproduces the fine-tuned model, not the bas
 from __future__ import annotations
 
 from functools import partial
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from methods.encoder import Policy, TokenState, check_batching
-from methods.paumer import HeadScore, PausingHeads, check_layers, default_layers, patch_labels
+from methods.paumer import HeadScore, PausingHeads, SegmenterWithHeads, patch_labels
 
 MODES = ("token", "image")
 UPSAMPLE = {"token": "nearest", "image": "bilinear"}
@@ -59,18 +59,10 @@ def paint(logits: Tensor, head_logits: Tensor, where: Tensor, mode: str) -> Tens
     return torch.where(mask, head, logits)
 
 
-class EarlyExitModel(nn.Module):
-    """A Segmenter plus its exit heads: what early exit fine-tunes and checkpoints."""
+class EarlyExitModel(SegmenterWithHeads):
+    """A Segmenter plus its exit heads (``.heads``)."""
 
-    def __init__(self, segmenter: nn.Module, layers: Optional[Sequence[int]] = None):
-        super().__init__()
-        layers = list(layers) if layers is not None else default_layers(segmenter.depth)
-        check_layers(layers, segmenter.depth)
-        self.segmenter = segmenter
-        self.heads = PausingHeads(segmenter.config.embed_dim, segmenter.num_classes, layers)
-
-    def forward(self, images: Tensor, policy: Optional[Policy] = None) -> Tensor:
-        return self.segmenter(images, policy)
+    heads_attr = "heads"
 
 
 class EarlyExitPolicy(Policy):

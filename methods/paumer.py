@@ -63,18 +63,28 @@ class PausingHeads(nn.Module):
         return self.heads[self.layers.index(layer)] if layer in self.layers else None
 
 
-class PaumerModel(nn.Module):
-    """A Segmenter plus its pausing heads: what PAUMER fine-tunes and checkpoints."""
+class SegmenterWithHeads(nn.Module):
+    """A Segmenter plus per-layer heads: what a method that fine-tunes (PAUMER, early
+    exit) trains and checkpoints. ``heads_attr`` names the heads' attribute, which is
+    also their state-dict prefix (part of the checkpoints' weights hashes)."""
+
+    heads_attr = "heads"
 
     def __init__(self, segmenter: nn.Module, layers: Optional[Sequence[int]] = None):
         super().__init__()
         layers = list(layers) if layers is not None else default_layers(segmenter.depth)
         check_layers(layers, segmenter.depth)
         self.segmenter = segmenter
-        self.pausing = PausingHeads(segmenter.config.embed_dim, segmenter.num_classes, layers)
+        setattr(self, self.heads_attr, PausingHeads(segmenter.config.embed_dim, segmenter.num_classes, layers))
 
     def forward(self, images: Tensor, policy: Optional[Policy] = None) -> Tensor:
         return self.segmenter(images, policy)
+
+
+class PaumerModel(SegmenterWithHeads):
+    """A Segmenter plus its pausing heads (``.pausing``)."""
+
+    heads_attr = "pausing"
 
 
 def check_layers(layers: Sequence[int], depth: int) -> None:
