@@ -82,7 +82,7 @@ def compare(stored: list[dict], fresh: list[dict]) -> list[dict]:
         g_ref, g_new = ref["gflops"]["mean"], new["gflops"]["mean"]
         moved = abs(g_new - g_ref) > tol.gflops_rel * g_ref
         rows.append({"point": name, "metric": "GFLOPs", "stored": f"{g_ref:.6f}", "fresh": f"{g_new:.6f}",
-                     "tolerance": f"±{100 * tol.gflops_rel:.2g}%",
+                     "tolerance": "exact" if tol.gflops_rel <= 1e-9 else f"±{100 * tol.gflops_rel:.2g}%",
                      "verdict": ("REGRESSION" if g_new > g_ref else "CHANGED") if moved else "ok"})
         if ref["method"] == "baseline":
             continue  # its speedup is 1 by definition
