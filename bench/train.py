@@ -145,10 +145,14 @@ class StepBatches(torch.utils.data.Dataset):
 def step_loader(dataset, cfg: TrainConfig, start: int = 0, *, device: str = "cpu",
                 num_workers: Optional[int] = None) -> torch.utils.data.DataLoader:
     """The batches of steps ``start`` .. ``cfg.steps - 1``, decoded and augmented in
-    ``num_workers`` processes (default: what the dataset asks for, ``loader_workers``;
-    0 = in this process, right for in-memory data), pinned when training on CUDA."""
+    ``num_workers`` processes, pinned when training on CUDA. Default: what the dataset
+    asks for (``loader_workers``); for in-memory data, augmentation runs in this process
+    on CPU (the cores are the model's) and in workers on CUDA (where it would starve the
+    GPU). Every batch is a function of its step, so the workers change no result."""
     if num_workers is None:
-        num_workers = getattr(dataset, "loader_workers", 0)
+        from bench.datasets.files import default_workers
+
+        num_workers = getattr(dataset, "loader_workers", default_workers() if device.startswith("cuda") else 0)
     return torch.utils.data.DataLoader(StepBatches(dataset, cfg), sampler=range(start, cfg.steps), batch_size=None,
                                        num_workers=num_workers, pin_memory=device.startswith("cuda"),
                                        persistent_workers=False)

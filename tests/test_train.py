@@ -74,3 +74,17 @@ def test_augment_keeps_image_and_label_aligned():
         real = lab != 255
         assert real.sum() == 24 * 32  # rows below the image are padding, ignored
         assert torch.equal(img[0][real].long(), lab[real] * 50)
+
+
+def test_in_memory_data_is_augmented_in_workers_only_on_cuda(toy_dataset, monkeypatch):
+    from bench.train import step_loader
+
+    monkeypatch.setenv("BENCH_WORKERS", "1")
+    cfg = TrainConfig(dataset="toy", num_classes=3, steps=4, batch_size=2, crop_size=16)
+    assert step_loader(toy_dataset, cfg).num_workers == 0  # CPU: the cores are the model's
+    on_gpu = step_loader(toy_dataset, cfg, device="cuda")
+    assert on_gpu.num_workers == 1 and on_gpu.pin_memory
+    # the same batches either way: each is a function of its step
+    workers = step_loader(toy_dataset, cfg, num_workers=2)
+    for (a, la), (b, lb) in zip(step_loader(toy_dataset, cfg), workers):
+        assert torch.equal(a, b) and torch.equal(la, lb)
