@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
 try:
@@ -25,6 +24,7 @@ except ImportError:  # no flock on Windows: writes stay atomic, only concurrency
     fcntl = None
 
 from bench.errors import BenchError
+from bench.fileio import atomic_write
 
 SCHEMA_VERSION = 1
 IDENTITY_FIELDS = ("method", "knobs", "dataset", "split", "checkpoint")
@@ -182,21 +182,4 @@ class ResultsStore:
             yield
 
     def _write_atomic(self, path: Path, data: bytes) -> None:
-        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        # Make the rename itself durable; not every platform lets us fsync a folder.
-        with contextlib.suppress(OSError):
-            dfd = os.open(self.root, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+        atomic_write(path, lambda f: f.write(data))

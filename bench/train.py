@@ -14,13 +14,10 @@ thing on 1 or N processes. Only rank 0 writes checkpoints and shows progress.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
-import os
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,6 +30,7 @@ from tqdm import tqdm
 
 from bench import distributed
 from bench.errors import BenchError
+from bench.fileio import atomic_write
 
 IGNORE_INDEX = 255
 # ViT/Segmenter normalisation (timm's augreg ViTs use mean = std = 0.5)
@@ -168,22 +166,9 @@ def weights_hash(model: nn.Module) -> str:
 
 
 def save_checkpoint(path: Path, payload: dict) -> None:
-    """Atomic: a kill mid-save leaves the previous checkpoint intact. The temporary file
-    is unique to this process, so two processes saving the same checkpoint cannot
-    interleave their bytes (the last complete one wins)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's file is private; a checkpoint is not
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    """Atomic (``bench.fileio.atomic_write``): a kill mid-save leaves the previous
+    checkpoint intact, and two processes saving it cannot interleave their bytes."""
+    atomic_write(path, lambda f: torch.save(payload, f))
 
 
 def load_checkpoint(path: Path) -> dict:

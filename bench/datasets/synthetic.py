@@ -45,7 +45,6 @@ compressed ``.npz`` under ``root/synthetic-v1/``.
 from __future__ import annotations
 
 import os
-import tempfile
 import warnings
 import zipfile
 from pathlib import Path
@@ -54,6 +53,8 @@ from typing import Optional, Union
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+
+from bench.fileio import atomic_write
 
 __all__ = [
     "CLASSES",
@@ -589,24 +590,7 @@ class SyntheticDataset(Dataset):
         return images, labels
 
     def _save(self, images: np.ndarray, labels: np.ndarray) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=self.path.name + ".", suffix=".tmp",
-                                   dir=self.path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez_compressed(f, images=images, labels=labels)
-                f.flush()
-                os.fsync(f.fileno())
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a cache is not
-            os.replace(tmp, self.path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        atomic_write(self.path, lambda f: np.savez_compressed(f, images=images, labels=labels))
 
     def __len__(self) -> int:
         return self.size

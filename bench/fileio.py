@@ -1,0 +1,38 @@
+"""Atomic file writes: what is stored is either the old file or the whole new one."""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import BinaryIO, Callable
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Calls ``write(f)`` on a temporary file next to ``path``, fsyncs it and renames it
+    over ``path``. A kill at any point leaves the previous file intact; the temporary
+    name is unique, so two processes writing the same path cannot interleave their bytes
+    (the last complete one wins)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's file is private; ours are not
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    # make the rename itself durable; not every platform lets us fsync a folder
+    with contextlib.suppress(OSError):
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
