@@ -48,6 +48,15 @@ def measure_options(f):
     return f
 
 
+def _require_device(device: str) -> None:
+    """A CUDA device asked for on a machine without one is a one-line error."""
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise BenchError(f"--device {device}: CUDA is not available on this machine")
+
+
 def _options(*, launch: bool = True, check_device: bool = True, **kw):
     """RunOptions from the parsed options; ``launch``: join torchrun's process group when
     this command runs under it (each process gets its own GPU); ``check_device``: the
@@ -55,11 +64,8 @@ def _options(*, launch: bool = True, check_device: bool = True, **kw):
     from bench.runner import RunOptions
 
     kw["progress"] = not kw.pop("quiet", False)
-    if check_device and kw["device"].startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise BenchError(f"--device {kw['device']}: CUDA is not available on this machine")
+    if check_device:
+        _require_device(kw["device"])
     if launch:
         from bench import distributed
 
@@ -209,11 +215,8 @@ def datasets_cmd(data_root, names, speed, batches, workers, device):
     for name in names:
         if name not in datasets.DATASETS:
             datasets.get_spec(name)  # raises: unknown dataset
-    if speed and device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise BenchError(f"--device {device}: CUDA is not available on this machine")
+    if speed:
+        _require_device(device)
     for name in names or datasets.DATASETS:
         s = datasets.dataset_status(name, data_root)
         counts = ", ".join(f"{k} {v}" for k, v in s["splits"].items())
