@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Optional
 
 from bench.errors import BenchError
-from bench.results import ResultsStore
+from bench.results import ResultsStore, op_label
 
 DATASET = "synthetic"
 REFERENCE = Path("results") / "check"
@@ -57,17 +57,13 @@ def _key(record: dict) -> str:
     return json.dumps([record["method"], record["knobs"]], sort_keys=True)
 
 
-def _op(record: dict) -> str:
-    return " ".join(f"{k}={v}" for k, v in sorted(record["knobs"].items())) or "-"
-
-
 def compare(stored: list[dict], fresh: list[dict]) -> list[dict]:
     """One row per (record, metric): stored, fresh, tolerance text and verdict
     ("ok", "better", or "REGRESSION"/"MISSING"/"CHANGED", which fail)."""
     fresh_by_key = {_key(r): r for r in fresh}
     rows = []
     for ref in stored:
-        name = f"{ref['method']} {_op(ref)}"
+        name = f"{ref['method']} {op_label(ref['knobs'])}"
         new = fresh_by_key.get(_key(ref))
         if new is None:
             rows.append({"point": name, "metric": "record", "stored": "stored", "fresh": "missing",

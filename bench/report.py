@@ -13,14 +13,10 @@ from pathlib import Path
 import pandas as pd
 
 from bench.errors import BenchError
-from bench.results import ResultsStore
+from bench.results import ResultsStore, op_label
 
 COLUMNS = ["method", "op", "mIoU", "ΔmIoU", "GFLOPs", "ΔGFLOPs %", "img/s b1", "speedup b1",
            "img/s b8", "speedup b8", "p50 ms", "p90 ms", "pareto"]
-
-
-def _op(knobs: dict) -> str:
-    return " ".join(f"{k}={v}" for k, v in sorted(knobs.items())) or "-"
 
 
 def pareto_front(cost: pd.Series, quality: pd.Series) -> pd.Series:
@@ -40,7 +36,7 @@ def series(method: str, knobs: dict) -> str:
 
     swept = METHODS[method].swept if method in METHODS else ""
     fixed = {k: v for k, v in knobs.items() if k != swept}
-    return f"{method} {_op(fixed)}" if fixed else method
+    return f"{method} {op_label(fixed)}" if fixed else method
 
 
 def table(records: list[dict]) -> pd.DataFrame:
@@ -50,7 +46,7 @@ def table(records: list[dict]) -> pd.DataFrame:
         speed = r.get("speed", {})
         b1, b8 = speed.get("1", {}), speed.get("8", {})
         rows.append({
-            "method": r["method"], "op": _op(r["knobs"]),
+            "method": r["method"], "op": op_label(r["knobs"]),
             "mIoU": 100 * r["miou"], "ΔmIoU": 100 * r["miou_delta"],
             "GFLOPs": r["gflops"]["mean"], "ΔGFLOPs %": 100 * (r["gflops_ratio"] - 1),
             "img/s b1": b1.get("throughput"), "speedup b1": b1.get("speedup"),
@@ -155,7 +151,7 @@ def tokens_figure(records: list[dict], dataset: str, path: Path) -> list[Path]:
     dynamic method, one line per operating point (averaged over the images). How a
     ragged batch is run (``batching``) does not change which tokens are computed, so
     only the default is drawn."""
-    rows = [{"series": series(r["method"], r["knobs"]), "op": _op(r["knobs"]), "block": b + 1, "fraction": f}
+    rows = [{"series": series(r["method"], r["knobs"]), "op": op_label(r["knobs"]), "block": b + 1, "fraction": f}
             for r in records if r["method"] not in ("baseline", "static") and r["knobs"].get("batching", "pad") == "pad"
             for b, f in enumerate(r.get("tokens_per_block") or [])]
     if not rows:

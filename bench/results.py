@@ -36,6 +36,11 @@ def _missing(rec: dict) -> list[str]:
     return [k for k in REQUIRED_FIELDS if k not in rec]
 
 
+def op_label(knobs: dict) -> str:
+    """An operating point's knobs as text, e.g. "tau=0.2" ("-" for none), keys sorted."""
+    return " ".join(f"{k}={v}" for k, v in sorted(knobs.items())) or "-"
+
+
 def record_identity(rec: dict) -> str:
     """Canonical JSON string of the identity fields (sorted keys, no spaces)."""
     missing = [k for k in IDENTITY_FIELDS if k not in rec]
