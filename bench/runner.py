@@ -8,6 +8,7 @@ options and calls ``run``/``train_checkpoint``.
 from __future__ import annotations
 
 import datetime as _dt
+import os
 import platform
 import subprocess
 from dataclasses import dataclass, field, replace
@@ -99,8 +100,11 @@ def environment(device: str, threads: int) -> dict:
         "threads": threads,
         "versions": {"torch": torch.__version__, "timm": timm.__version__, "fvcore": version("fvcore"),
                      "python": platform.python_version()},
-        "git_commit": git("rev-parse", "HEAD") or None,
-        "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        # A source copy without .git (a cluster or a device machine) names its commit in
+        # BENCH_GIT_COMMIT. Stored results and reports do not make the code dirty.
+        "git_commit": git("rev-parse", "HEAD") or os.environ.get("BENCH_GIT_COMMIT") or None,
+        "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                              ":(exclude)results", ":(exclude)reports")),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
 

@@ -120,3 +120,31 @@ def test_bad_records_are_refused(tmp_path):
     with pytest.raises(BenchError, match="dataset name"):
         store.append(rec(dataset="../escape"))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_provenance_ignores_stored_results_and_reads_commit_without_git(tmp_path, monkeypatch):
+    import subprocess
+
+    from bench import runner
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    (tmp_path / "results").mkdir()
+    (tmp_path / "code.py").write_text("x = 1\n")
+    (tmp_path / "results" / "synthetic.jsonl").write_text("{}\n")
+    git("init", "-q")
+    git("add", ".")
+    git("-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "init")
+    monkeypatch.setattr(runner, "REPO", tmp_path)
+
+    (tmp_path / "results" / "synthetic.jsonl").write_text("{}\n{}\n")  # a run appended a record
+    env = runner.environment("cpu", 1)
+    assert len(env["git_commit"]) == 40 and env["git_dirty"] is False
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert runner.environment("cpu", 1)["git_dirty"] is True
+
+    import shutil
+    shutil.rmtree(tmp_path / ".git")  # a source copy without git history
+    monkeypatch.setenv("BENCH_GIT_COMMIT", "abc123")
+    assert runner.environment("cpu", 1)["git_commit"] == "abc123"
