@@ -243,7 +243,7 @@ def run(opts: RunOptions) -> list[dict]:
     if not policies:
         return []
 
-    model.to(opts.device).eval()
+    trained.to(opts.device).eval()  # the segmenter and the method's heads
     base_model.to(opts.device).eval()
     settings = _settings(spec, opts)
     n_images = len(val) if opts.limit is None else min(opts.limit, len(val))
