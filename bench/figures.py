@@ -29,13 +29,14 @@ def pause_maps(model, runs: list, dataset, indices: list[int], path: Path, *, pa
     cols = 2 + 2 * len(runs)
     fig, axes = plt.subplots(len(indices), cols, figsize=(2.1 * cols, 2.1 * len(indices)), squeeze=False)
     cmap = plt.get_cmap("viridis", depth)
+    settings = EvalSettings("whole", device=str(next(model.parameters()).device))  # where the model is
     for row, i in enumerate(indices):
         image, label = dataset[i]
         panels = [(image.permute(1, 2, 0).numpy(), "image", {}), (_colorize(label.numpy(), palette), "label", {})]
         for name, policy in runs:
-            pred = predict(model, policy, image[None], EvalSettings("whole"), keep_maps=True)
-            panels.append((_colorize(pred.logits.argmax(1)[0].numpy(), palette), f"{name}: prediction", {}))
-            panels.append((pred.left_at[0].numpy(), f"{name}: layer left",
+            pred = predict(model, policy, image[None], settings, keep_maps=True)
+            panels.append((_colorize(pred.logits.argmax(1)[0].cpu().numpy(), palette), f"{name}: prediction", {}))
+            panels.append((pred.left_at[0].cpu().numpy(), f"{name}: layer left",
                            {"cmap": cmap, "vmin": 0.5, "vmax": depth + 0.5, "interpolation": "nearest"}))
         for ax, (data, name, kw) in zip(axes[row], panels):
             im = ax.imshow(data, **kw)
