@@ -101,10 +101,11 @@ def environment(device: str, threads: int) -> dict:
         "versions": {"torch": torch.__version__, "timm": timm.__version__, "fvcore": version("fvcore"),
                      "python": platform.python_version()},
         # A source copy without .git (a cluster or a device machine) names its commit in
-        # BENCH_GIT_COMMIT. Stored results and reports do not make the code dirty.
+        # BENCH_GIT_COMMIT. Dirty means uncommitted code: stored results, reports and
+        # Markdown do not count.
         "git_commit": git("rev-parse", "HEAD") or os.environ.get("BENCH_GIT_COMMIT") or None,
         "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no", "--", ".",
-                              ":(exclude)results", ":(exclude)reports")),
+                              ":(exclude)results", ":(exclude)reports", ":(exclude)*.md")),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
 

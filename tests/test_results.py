@@ -132,6 +132,7 @@ def test_provenance_ignores_stored_results_and_reads_commit_without_git(tmp_path
 
     (tmp_path / "results").mkdir()
     (tmp_path / "code.py").write_text("x = 1\n")
+    (tmp_path / "README.md").write_text("docs\n")
     (tmp_path / "results" / "synthetic.jsonl").write_text("{}\n")
     git("init", "-q")
     git("add", ".")
@@ -139,6 +140,7 @@ def test_provenance_ignores_stored_results_and_reads_commit_without_git(tmp_path
     monkeypatch.setattr(runner, "REPO", tmp_path)
 
     (tmp_path / "results" / "synthetic.jsonl").write_text("{}\n{}\n")  # a run appended a record
+    (tmp_path / "README.md").write_text("edited\n")
     env = runner.environment("cpu", 1)
     assert len(env["git_commit"]) == 40 and env["git_dirty"] is False
     (tmp_path / "code.py").write_text("x = 2\n")
