@@ -1,8 +1,11 @@
 import json
 import os
+import shutil
+import subprocess
 
 import pytest
 
+from bench import runner
 from bench.errors import BenchError
 from bench.results import ResultsStore, record_identity
 
@@ -123,10 +126,6 @@ def test_bad_records_are_refused(tmp_path):
 
 
 def test_provenance_ignores_stored_results_and_reads_commit_without_git(tmp_path, monkeypatch):
-    import subprocess
-
-    from bench import runner
-
     def git(*args):
         subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
 
@@ -146,7 +145,6 @@ def test_provenance_ignores_stored_results_and_reads_commit_without_git(tmp_path
     (tmp_path / "code.py").write_text("x = 2\n")
     assert runner.environment("cpu", 1)["git_dirty"] is True
 
-    import shutil
     shutil.rmtree(tmp_path / ".git")  # a source copy without git history
     monkeypatch.setenv("BENCH_GIT_COMMIT", "abc123")
     assert runner.environment("cpu", 1)["git_commit"] == "abc123"
