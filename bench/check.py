@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Optional
 
 from bench.errors import BenchError
-from bench.results import ResultsStore, op_label
+from bench.results import ResultsStore, identity_fields, op_label, record_identity
 
 DATASET = "synthetic"
 REFERENCE = Path("results") / "check"
@@ -54,17 +54,35 @@ OTHER_WEIGHTS = Tolerance(miou_abs=0.005, gflops_rel=0.01)
 
 
 def _key(record: dict) -> str:
+    """A record's identity but its weights (a retrained checkpoint is compared under
+    looser bounds): the same operating point under the same settings."""
+    return record_identity(record, ignore=("checkpoint",))
+
+
+def _point(record: dict) -> str:
     return json.dumps([record["method"], record["knobs"]], sort_keys=True)
+
+
+def _settings_moved(ref: dict, new: dict) -> str:
+    a, b = identity_fields(ref, ignore=("checkpoint",)), identity_fields(new, ignore=("checkpoint",))
+    return ", ".join(f"{k} {json.dumps(a.get(k))} -> {json.dumps(b.get(k))}"
+                     for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k))
 
 
 def compare(stored: list[dict], fresh: list[dict]) -> list[dict]:
     """One row per (record, metric): stored, fresh, tolerance text and verdict
     ("ok", "better", or "REGRESSION"/"MISSING"/"CHANGED", which fail)."""
     fresh_by_key = {_key(r): r for r in fresh}
+    fresh_by_point = {_point(r): r for r in fresh}
     rows = []
     for ref in stored:
         name = f"{ref['method']} {op_label(ref['knobs'])}"
         new = fresh_by_key.get(_key(ref))
+        if new is None and _point(ref) in fresh_by_point:  # measured, but not as the reference was
+            rows.append({"point": name, "metric": "settings", "stored": "stored",
+                         "fresh": _settings_moved(ref, fresh_by_point[_point(ref)]), "tolerance": "same",
+                         "verdict": "CHANGED"})
+            continue
         if new is None:
             rows.append({"point": name, "metric": "record", "stored": "stored", "fresh": "missing",
                          "tolerance": "", "verdict": "MISSING"})

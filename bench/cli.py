@@ -111,7 +111,8 @@ def run(method, ops, limit, replace, timing_images, repeats, **kw):
         click.echo(f"{len(records)} record(s) appended to {opts.results}/{opts.dataset}.jsonl")
     else:
         click.echo(f"nothing to do: every operating point is already in {opts.results}/{opts.dataset}.jsonl "
-                   "for this checkpoint (--replace measures them again)")
+                   "for this checkpoint, image count, device, precision, batch sizes and evaluation settings "
+                   "(--replace measures them again)")
 
 
 def _knobs(knobs: dict) -> str:

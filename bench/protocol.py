@@ -188,9 +188,33 @@ def evaluate(model, policy, dataset, settings: EvalSettings, flop_model, *, num_
     }
 
 
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+def _sync(device) -> None:
+    """Wait for ``device``'s queued work: that device's, not the current one (``cuda:1``
+    timed without torchrun would otherwise stop the clock before its kernels ran)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def spread(values) -> dict:
+    """Interquartile range [p25, p75] and range [min, max] of repeated measurements."""
+    q = torch.tensor(values, dtype=torch.float64).quantile(torch.tensor([0.25, 0.75], dtype=torch.float64))
+    return {"iqr": q.tolist(), "range": [min(values), max(values)]}
+
+
+def speed_entry(timed: dict, name: str, baseline: str = "baseline") -> dict:
+    """One batch size's speed of run ``name`` as stored in a record: its throughput
+    (median, IQR, range), latency, and its speedup over ``baseline`` timed alongside:
+    ratio of the medians, IQR and range of the per-repeat ratios (the two ran in the
+    same interleaved repeat, so each ratio sees the same machine state)."""
+    run, base = timed[name], timed[baseline]
+    entry = {k: v for k, v in run.items() if k != "repeats"}
+    entry["speedup"] = run["throughput"] / base["throughput"]
+    ratios = [a / b for a, b in zip(run["repeats"], base["repeats"])]
+    s = spread(ratios)
+    entry["speedup_iqr"], entry["speedup_range"] = s["iqr"], s["range"]
+    entry["baseline_throughput"] = base["throughput"]
+    return entry
 
 
 @torch.inference_mode()
@@ -202,8 +226,9 @@ def time_methods(runs: dict, images, settings: EvalSettings, *, batch_size: int,
 
     Each timed pass segments every image in ``images`` at ``batch_size`` with the full
     ``predict`` path (resize, pad, windows, gathers and scatters included; data loading
-    excluded). Throughput is the median over repeats; latency p50/p90 is over every image
-    of every repeat when ``batch_size`` is 1. ``images``: a (N, 3, H, W) tensor, or a list
+    excluded). Throughput is the median over repeats (``throughput_iqr``, ``throughput_range``:
+    its spread; ``repeats``: each repeat's); latency p50/p90 is over every image of every
+    repeat when ``batch_size`` is 1. ``images``: a (N, 3, H, W) tensor, or a list
     of (3, H, W) images of different sizes (ADE20K), batched where consecutive sizes agree.
     """
     # whole images: `batch_size` images per forward; windows: one image at a time, its
@@ -218,15 +243,16 @@ def time_methods(runs: dict, images, settings: EvalSettings, *, batch_size: int,
     run_settings = replace(settings, batch_size=batch_size)
     rates = {name: [] for name in runs}
     latencies = {name: [] for name in runs}
+    device = torch.device(settings.device)  # where the models and the images are
     for r in range(warmup + repeats):
         for name, (model, policy, scale) in runs.items():
             model.eval()
-            _sync(settings.device)
+            _sync(device)
             start = time.perf_counter()
             for chunk in chunks:
                 t0 = time.perf_counter()
                 predict(model, policy, chunk, run_settings, scale=scale)
-                _sync(settings.device)
+                _sync(device)
                 if r >= warmup and batch_size == 1:
                     latencies[name].append((time.perf_counter() - t0) * 1e3)
             elapsed = time.perf_counter() - start
@@ -234,7 +260,9 @@ def time_methods(runs: dict, images, settings: EvalSettings, *, batch_size: int,
                 rates[name].append(len(images) / elapsed)
     out = {}
     for name in runs:
-        entry = {"throughput": statistics.median(rates[name])}
+        s = spread(rates[name])
+        entry = {"throughput": statistics.median(rates[name]), "throughput_iqr": s["iqr"],
+                 "throughput_range": s["range"], "repeats": rates[name]}
         if latencies[name]:
             q = torch.tensor(latencies[name]).quantile(torch.tensor([0.5, 0.9])).tolist()
             entry["latency_ms"] = {"p50": q[0], "p90": q[1]}

@@ -1,20 +1,26 @@
 """Results store: one JSON record per line, one file per dataset (``results/<dataset>.jsonl``).
 
-A record is a dict with ``schema_version`` (``SCHEMA_VERSION``) and an identity, the
-fields in ``IDENTITY_FIELDS``; everything else (mIoU, GFLOPs, throughput, ...) is free.
-Two records with the same identity are the same measurement: storing it twice needs
-``replace=True``.
+A record is a dict with ``schema_version`` (``SCHEMA_VERSION``) and an identity: the
+fields in ``IDENTITY_FIELDS`` (required) and the settings in ``SETTING_FIELDS`` that
+change the measured numbers (evaluation images, device kind, precision, batch sizes,
+evaluation settings; a record made before one of them was stored has none there, and
+its identity is built from what it has). Everything else (mIoU, GFLOPs, throughput,
+...) is free. Two records with the same identity are the same measurement: storing it
+twice needs ``replace=True``.
 
 Writes never corrupt what is stored: the whole new file is written to a temp file in the
 same folder, fsynced, then ``os.replace``d over the old one (atomic on POSIX), under an
 exclusive ``flock`` on ``<root>/.lock`` so concurrent appenders don't lose records.
 Lines that cannot be parsed are reported by file and line, and kept verbatim on rewrite.
-Per-class IoU may hold NaN, written as the bare ``NaN`` token Python's json reads back.
+Per-class IoU may hold NaN (a class absent from labels and predictions): it is written
+as JSON ``null``, which every JSON reader accepts, and read back as NaN; files written
+before that, with the bare ``NaN`` token, still read.
 """
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 from pathlib import Path
 
@@ -28,6 +34,8 @@ from bench.fileio import atomic_write
 
 SCHEMA_VERSION = 1
 IDENTITY_FIELDS = ("method", "knobs", "dataset", "split", "checkpoint")
+# What else moves the numbers; records older than a field lack it (absent from their identity)
+SETTING_FIELDS = ("images", "device", "precision", "batch_sizes", "eval")
 REQUIRED_FIELDS = ("schema_version",) + IDENTITY_FIELDS
 LOCK_NAME = ".lock"
 
@@ -41,13 +49,58 @@ def op_label(knobs: dict) -> str:
     return " ".join(f"{k}={v}" for k, v in sorted(knobs.items())) or "-"
 
 
-def record_identity(rec: dict) -> str:
-    """Canonical JSON string of the identity fields (sorted keys, no spaces)."""
+def _setting(rec: dict, key: str):
+    """A setting's identity value, or None where the record does not say."""
+    if key == "device":  # the kind: cuda:0 and cuda:1 measure alike
+        return str(rec["device"]).split(":")[0] if rec.get("device") else None
+    if key == "precision":  # records before `precision` named it `dtype`
+        return rec.get("precision", rec.get("dtype"))
+    return rec.get(key)
+
+
+def identity_fields(rec: dict, ignore: tuple = ()) -> dict:
+    """The identity of a record (or of a record-to-be) as a dict, ``ignore`` left out."""
     missing = [k for k in IDENTITY_FIELDS if k not in rec]
     if missing:
         raise BenchError(f"result record lacks identity field(s): {', '.join(missing)}")
-    return json.dumps({k: rec[k] for k in IDENTITY_FIELDS}, sort_keys=True,
-                      separators=(",", ":"))
+    out = {k: rec[k] for k in IDENTITY_FIELDS}
+    for key in SETTING_FIELDS:
+        value = _setting(rec, key)
+        if value is not None:
+            out[key] = value
+    return {k: v for k, v in out.items() if k not in ignore}
+
+
+def record_identity(rec: dict, ignore: tuple = ()) -> str:
+    """Canonical JSON string of the identity (sorted keys, no spaces)."""
+    return json.dumps(identity_fields(rec, ignore), sort_keys=True, separators=(",", ":"))
+
+
+def _nan_to_null(value):
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _nan_to_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_nan_to_null(v) for v in value]
+    return value
+
+
+def dump_record(record: dict) -> bytes:
+    """One line of strict JSON: NaN as null (a bare NaN token is not JSON; infinities fail)."""
+    try:
+        return json.dumps(_nan_to_null(record), allow_nan=False).encode("utf-8")
+    except ValueError as e:
+        raise BenchError(f"result record for {record.get('method')!r} holds a value JSON cannot store: {e}") from None
+
+
+def _null_to_nan(per_class):
+    # null is how NaN is stored: an IoU that is not defined for that class
+    if isinstance(per_class, dict):
+        return {k: math.nan if v is None else v for k, v in per_class.items()}
+    if isinstance(per_class, list):
+        return [math.nan if v is None else v for v in per_class]
+    return per_class
 
 
 def _lines(data: bytes) -> list[bytes]:
@@ -69,6 +122,8 @@ def _parse(line: bytes) -> tuple[dict | None, str | None]:
     if rec["schema_version"] != SCHEMA_VERSION:
         return None, (f"schema_version {rec['schema_version']!r} is not supported "
                       f"(expected {SCHEMA_VERSION})")
+    if "per_class_iou" in rec:
+        rec["per_class_iou"] = _null_to_nan(rec["per_class_iou"])
     return rec, None
 
 
@@ -142,7 +197,7 @@ class ResultsStore:
                              f"{record['schema_version']!r}; expected {SCHEMA_VERSION}")
         identity = record_identity(record)
         path = self.path_for(record["dataset"])
-        new_line = json.dumps(record).encode("utf-8")  # fails before anything is touched
+        new_line = dump_record(record)  # fails before anything is touched
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             with self._lock():
@@ -170,7 +225,7 @@ class ResultsStore:
             if _missing(record) or record["dataset"] != dataset:
                 raise BenchError(f"cannot store a record for {record.get('dataset')!r} in {dataset!r}'s file")
         path = self.path_for(dataset)
-        data = b"".join(json.dumps(r).encode("utf-8") + b"\n" for r in records)
+        data = b"".join(dump_record(r) + b"\n" for r in records)
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             with self._lock():

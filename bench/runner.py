@@ -21,14 +21,15 @@ import torch
 from bench import datasets, distributed
 from bench.errors import BenchError
 from bench.flops import FlopModel
-from bench.protocol import EvalSettings, evaluate, time_methods
-from bench.results import SCHEMA_VERSION, ResultsStore, record_identity
+from bench.protocol import EvalSettings, evaluate, speed_entry, time_methods
+from bench.results import SCHEMA_VERSION, ResultsStore
 from bench.train import TrainConfig, load_checkpoint, train
 from methods import METHODS, MethodSpec
 from methods.encoder import Policy
 from methods.segmenter import build_model
 
 REPO = Path(__file__).resolve().parent.parent
+PRECISION = "float32"  # every model runs in it today; part of a record's identity
 
 
 @dataclass
@@ -82,6 +83,19 @@ def parse_op(method: MethodSpec, text: str) -> dict:
     return knobs
 
 
+def cpu_name(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The host CPU's model name ("AMD EPYC 7763 64-Core Processor"), not just "x86_64"."""
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, sep, value = line.partition(":")
+                if sep and key.strip() == "model name" and value.strip():
+                    return value.strip()
+    except OSError:
+        pass  # not Linux
+    return platform.processor() or platform.machine() or "unknown"
+
+
 def environment(device: str, threads: int) -> dict:
     def git(*args):
         try:
@@ -92,11 +106,13 @@ def environment(device: str, threads: int) -> dict:
     import timm
     from importlib.metadata import version
 
-    name = torch.cuda.get_device_name(device) if device.startswith("cuda") else (platform.processor() or platform.machine())
+    cpu = cpu_name()
+    name = torch.cuda.get_device_name(device) if device.startswith("cuda") else cpu
     return {
         "device": device,
         "device_name": name,
-        "dtype": "float32",
+        "cpu_name": cpu,  # the host matters on a GPU too (data, launch overheads)
+        "dtype": PRECISION,  # kept for readers of older records; `precision` is the field
         "threads": threads,
         "versions": {"torch": torch.__version__, "timm": timm.__version__, "fvcore": version("fvcore"),
                      "python": platform.python_version()},
@@ -185,9 +201,9 @@ def _settings(spec: datasets.DatasetSpec, opts: RunOptions) -> EvalSettings:
 
 
 def pending_ops(opts: RunOptions) -> Optional[list]:
-    """Operating points of ``opts`` not yet stored for its checkpoint; None while a
-    checkpoint it needs is not trained (then nothing can be known). Cheap: no training,
-    no evaluation."""
+    """Operating points of ``opts`` not yet stored for its checkpoint and settings; None
+    while a checkpoint it needs is not trained or the validation split cannot be opened
+    (then nothing can be known). Cheap: no training, no evaluation."""
     method = get_method(opts.method)
     spec = datasets.get_spec(opts.dataset, opts.data_root)
     base_cfg = train_config(opts, spec)
@@ -200,7 +216,12 @@ def pending_ops(opts: RunOptions) -> Optional[list]:
     if opts.replace:
         return list(ops)
     store = ResultsStore(opts.results)
-    return [k for k in ops if not store.exists(_identity(method.name, k, spec, payload["weights"]))]
+    try:
+        images = eval_images(opts, datasets.open_dataset(opts.dataset, spec.preset.val_split, opts.data_root))
+    except BenchError:  # the data is not here (a launcher without it): the job will see
+        return None
+    return [k for k in ops if not store.exists(
+        point_identity(opts, spec, method.name, k, payload["weights"], images, method.input_scale(k)))]
 
 
 def run(opts: RunOptions) -> list[dict]:
@@ -237,17 +258,19 @@ def run(opts: RunOptions) -> list[dict]:
         except (TypeError, ValueError) as e:
             raise BenchError(f"bad operating point {knobs} for {method.name}: {e}") from None
     checkpoint = payload.get("weights")
+    n_images = eval_images(opts, val)
+    points = [point_identity(opts, spec, method.name, knobs, checkpoint, n_images, scale)
+              for knobs, _, scale in policies]
     if not opts.replace:  # resume: operating points already stored are not measured again
-        todo = [i for i, p in enumerate(policies) if not store.exists(_identity(method.name, p[0], spec, checkpoint))]
+        todo = [i for i, point in enumerate(points) if not store.exists(point)]
         todo = distributed.broadcast_object(todo)  # rank 0 decides for all
-        policies = [policies[i] for i in todo]
+        policies, points = [policies[i] for i in todo], [points[i] for i in todo]
     if not policies:
         return []
 
     trained.to(opts.device).eval()  # the segmenter and the method's heads
     base_model.to(opts.device).eval()
     settings = _settings(spec, opts)
-    n_images = len(val) if opts.limit is None else min(opts.limit, len(val))
     common = dict(num_classes=spec.num_classes, limit=opts.limit, progress=opts.progress)
 
     base_policy = Policy()
@@ -268,20 +291,11 @@ def run(opts: RunOptions) -> list[dict]:
         speeds[bs] = time_methods(runs, timing, settings, batch_size=bs, warmup=opts.warmup, repeats=opts.repeats)
 
     records = []
-    for i, ((knobs, policy, scale), result) in enumerate(zip(policies, evals)):
-        speed = {}
-        for bs, timed in speeds.items():
-            entry = dict(timed[f"op{i}"])
-            entry["speedup"] = entry["throughput"] / timed["baseline"]["throughput"]
-            entry["baseline_throughput"] = timed["baseline"]["throughput"]
-            speed[str(bs)] = entry
+    for i, ((knobs, policy, scale), point, result) in enumerate(zip(policies, points, evals)):
+        speed = {str(bs): speed_entry(timed, f"op{i}") for bs, timed in speeds.items()}
         record = {
             "schema_version": SCHEMA_VERSION,
-            "method": method.name,
-            "knobs": knobs,
-            "dataset": spec.name,
-            "split": spec.preset.val_split,
-            "checkpoint": checkpoint,
+            **point,  # identity: method, knobs, dataset, split, checkpoint and the settings
             "baseline_checkpoint": base_payload.get("weights"),
             "model": base_cfg.model,
             "decoder": base_cfg.model_overrides["decoder"],
@@ -295,11 +309,7 @@ def run(opts: RunOptions) -> list[dict]:
             "flops_unit": "GFLOPs (fvcore, MAC)",
             "tokens_per_block": result["tokens_per_block"],
             "speed": speed,
-            "batch_sizes": sorted(speeds),
-            "images": n_images,
             "timing_images": len(timing),
-            "eval": {"mode": settings.mode, "window": settings.window, "stride": settings.stride,
-                     "scale": scale},
             "seed": opts.seed,
             "train": {"steps": base_cfg.steps, "config_hash": payload["config"].get("hash")},
             **({"eval_processes": distributed.world_size()} if distributed.is_distributed() else {}),
@@ -328,6 +338,18 @@ def write_maps(opts: RunOptions, method: MethodSpec, spec, trained, model, val, 
                       title=f"{method.name} on {spec.name}: prediction and the block after which each patch left")
 
 
-def _identity(method: str, knobs: dict, spec, checkpoint) -> str:
-    return record_identity({"method": method, "knobs": knobs, "dataset": spec.name,
-                            "split": spec.preset.val_split, "checkpoint": checkpoint})
+def eval_images(opts: RunOptions, val) -> int:
+    """How many validation images are evaluated (``--limit`` caps the split)."""
+    return len(val) if opts.limit is None else min(opts.limit, len(val))
+
+
+def point_identity(opts: RunOptions, spec, method: str, knobs: dict, checkpoint: Optional[str], images: int,
+                   scale: float) -> dict:
+    """The fields that identify a record of this operating point (``bench.results``):
+    whatever changes its numbers. The one place they are built: the record carries them,
+    and the resume checks (``run``, ``pending_ops``) look them up."""
+    settings = _settings(spec, opts)
+    return {"method": method, "knobs": knobs, "dataset": spec.name, "split": spec.preset.val_split,
+            "checkpoint": checkpoint, "images": images, "device": opts.device, "precision": PRECISION,
+            "batch_sizes": sorted({1, opts.batch_size}),
+            "eval": {"mode": settings.mode, "window": settings.window, "stride": settings.stride, "scale": scale}}

@@ -10,7 +10,14 @@ Under torchrun (``bench.distributed``) the loop runs with DistributedDataParalle
 ``cfg.batch_size`` is the *global* batch; every process builds the same deterministic
 batch of step ``s`` and trains on its strided slice (rank, rank + W, ...), gradients are
 averaged across processes, and the learning rate is unchanged, so a run means the same
-thing on 1 or N processes. Only rank 0 writes checkpoints and shows progress.
+thing on 1 or N processes. Only rank 0 writes checkpoints, the training log and shows
+progress.
+
+The training log (``log_path``: ``x.pt`` -> ``x.log.jsonl``) has one JSON line every
+``log_every`` steps: ``{"step", "loss", "lr", "step_time_s"}``, ``step`` the steps done,
+``loss`` and ``step_time_s`` means over the steps since the previous line, ``lr`` that
+of the last of them. A resumed run first drops the lines past its checkpoint's step
+(they were logged by the killed run and are logged again), then appends.
 """
 from __future__ import annotations
 
@@ -156,13 +163,18 @@ def step_loader(dataset, cfg: TrainConfig, start: int = 0, *, device: str = "cpu
                                        persistent_workers=False)
 
 
-def weights_hash(model: nn.Module) -> str:
-    """Content hash of the weights (independent of how the file was serialised)."""
+def state_hash(state: dict) -> str:
+    """Content hash of a state dict (independent of how the file was serialised)."""
     h = hashlib.sha256()
-    for k, v in sorted(model.state_dict().items()):
+    for k, v in sorted(state.items()):
         h.update(k.encode())
         h.update(v.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:12]
+
+
+def weights_hash(model: nn.Module) -> str:
+    """Content hash of the model's weights: what records name as their checkpoint."""
+    return state_hash(model.state_dict())
 
 
 def save_checkpoint(path: Path, payload: dict) -> None:
@@ -179,7 +191,57 @@ def load_checkpoint(path: Path) -> dict:
                          "delete it to train again") from None
     if not isinstance(payload, dict) or not {"model", "step", "config"} <= payload.keys():
         raise BenchError(f"checkpoint {path} lacks model/step/config; delete it to train again")
+    # The hash records carry is that of the weights loaded, never only what the file says
+    try:
+        actual = state_hash(payload["model"])
+    except (AttributeError, TypeError, RuntimeError):
+        raise BenchError(f"checkpoint {path} holds no readable model weights; delete it to train again") from None
+    if payload.get("weights", actual) != actual:
+        raise BenchError(f"checkpoint {path} was changed after it was written: its weights hash to {actual}, "
+                         f"not the stored {payload['weights']}; delete it to train again")
+    payload["weights"] = actual
     return payload
+
+
+def log_path(checkpoint: Path) -> Path:
+    """Where the training log of a checkpoint lives: next to it, ``.pt`` -> ``.log.jsonl``."""
+    return Path(checkpoint).with_suffix(".log.jsonl")
+
+
+class TrainingLog:
+    """Appends a line every ``every`` steps (see the module notes); ``enabled``: rank 0."""
+
+    def __init__(self, path: Path, every: int, start: int, enabled: bool):
+        self.path, self.every, self.enabled = path, every, enabled
+        self.losses: list[float] = []
+        self.since = time.perf_counter()
+        if enabled:
+            self._keep_up_to(start)
+
+    def _keep_up_to(self, step: int) -> None:
+        if not self.path.exists():
+            return
+        kept = []
+        for line in self.path.read_bytes().split(b"\n"):
+            try:
+                entry = json.loads(line)
+            except ValueError:  # a line torn by a kill, or blank
+                continue
+            if isinstance(entry, dict) and isinstance(entry.get("step"), int) and entry["step"] <= step:
+                kept.append(line + b"\n")
+        atomic_write(self.path, lambda f: f.write(b"".join(kept)))
+
+    def step(self, completed: int, loss: float, lr: float) -> None:
+        self.losses.append(loss)
+        if completed % self.every:
+            return
+        now = time.perf_counter()
+        entry = {"step": completed, "loss": sum(self.losses) / len(self.losses), "lr": lr,
+                 "step_time_s": (now - self.since) / len(self.losses)}
+        self.losses, self.since = [], now
+        if self.enabled:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(entry) + "\n")
 
 
 def default_loss(model, images: Tensor, labels: Tensor) -> Tensor:
@@ -210,15 +272,19 @@ def train(
     num_workers: Optional[int] = None,
     progress: bool = True,
     stop_after: Optional[int] = None,
+    log_every: int = 10,
 ) -> dict:
     """Train ``model`` (in place) to ``cfg.steps``, resuming from ``path`` if present.
 
     Returns the final checkpoint payload. ``stop_after`` ends the run early at that step
-    (as an interruption would), used by tests of resumption. Under torchrun every process
+    (as an interruption would), used by tests of resumption. ``log_every``: steps between
+    lines of the training log (``log_path(path)``). Under torchrun every process
     calls this with the same arguments (see the module notes); the payload they return
     is the same.
     """
     rank, world = distributed.rank(), distributed.world_size()
+    if log_every < 1:
+        raise BenchError(f"the training log needs a step interval of at least 1, got {log_every}")
     if cfg.batch_size % world:
         raise BenchError(f"the global batch of {cfg.batch_size} images cannot be split evenly over {world} "
                          f"processes; use a number of processes that divides it")
@@ -272,6 +338,7 @@ def train(
 
     t0 = time.perf_counter()
     completed, stepping = start, False
+    log = TrainingLog(log_path(path), log_every, start, enabled=rank == 0)
     try:
         for step, (images, labels) in zip(range(start, end), loader):
             # dropout / drop-path: per step, and per process when there are several
@@ -293,6 +360,7 @@ def train(
             stepping = True
             optimizer.step()
             stepping, completed = False, step + 1
+            log.step(completed, value, learning_rate(cfg, step))
             bar.update(1)
             bar.set_postfix(loss=f"{value:.3f}", lr=f"{learning_rate(cfg, step):.2e}")
             if completed % checkpoint_every == 0 and completed < end:

@@ -90,3 +90,12 @@ def test_update_then_check_end_to_end(capsys, tmp_path, small_check, monkeypatch
     code, out, err = run_cli(capsys, "check", *args)
     assert code == 1 and "Traceback" not in err
     assert "tome r=2: GFLOPs" in err and "REGRESSION" in out
+
+
+def test_a_point_measured_under_other_settings_is_not_compared():
+    # e.g. `bench check` on a GPU against a CPU reference, or another image count
+    stored = record() | {"device": "cpu", "images": 48}
+    rows = check.compare([stored], [record() | {"device": "cuda:0", "images": 48}])
+    assert [(r["metric"], r["verdict"]) for r in rows] == [("settings", "CHANGED")]
+    assert rows[0]["fresh"] == 'device "cpu" -> "cuda"'
+    assert not check.failed(check.compare([stored], [record() | {"device": "cpu", "images": 48}]))

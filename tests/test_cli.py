@@ -2,6 +2,7 @@
 import json
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -125,4 +126,45 @@ def test_bad_paumer_knob_is_one_line_error_and_stores_nothing(capsys, tmp_path, 
     code, _, err = run_cli(capsys, "run", "--method", "paumer", "--op", "tau=1.5", "--dataset", "toy",
                            "--checkpoints", str(tmp_path / "ck"), "--results", str(tmp_path / "res"), "--quiet")
     assert_one_line_error(code, err, "tau must be in [0, 1]")
+    assert not (tmp_path / "res" / "toy.jsonl").exists()
+
+
+def test_a_smaller_limit_does_not_block_a_larger_one(capsys, tmp_path, toy):
+    from bench.runner import RunOptions, pending_ops
+
+    common = ["--method", "static", "--op", "scale=0.5", "--dataset", "toy", "--checkpoints", str(tmp_path / "ck"),
+              "--results", str(tmp_path / "res"), "--quiet", "--timing-images", "2", "--repeats", "2"]
+    main(["run", "--limit", "3", *common])
+    opts = RunOptions(method="static", ops=[{"scale": 0.5}], dataset="toy", checkpoints=str(tmp_path / "ck"),
+                      results=str(tmp_path / "res"))
+    assert pending_ops(replace(opts, limit=3)) == [] and pending_ops(replace(opts, limit=4)) == [{"scale": 0.5}]
+    capsys.readouterr()
+    main(["run", "--limit", "4", *common])
+    assert "1 record(s) appended" in capsys.readouterr().out
+    main(["run", "--limit", "3", *common])
+    assert "nothing to do" in capsys.readouterr().out
+    records = [json.loads(l) for l in (tmp_path / "res" / "toy.jsonl").read_text().splitlines()]
+    assert [r["images"] for r in records] == [3, 4]
+    assert pending_ops(replace(opts, limit=4)) == [] and pending_ops(replace(opts, batch_size=4)) == [{"scale": 0.5}]
+    r = records[0]
+    assert r["precision"] == "float32" and r["device"] == "cpu" and r["cpu_name"] == r["device_name"]
+    for entry in r["speed"].values():  # the spread of each batch size over the 2 repeats
+        low, high = entry["throughput_range"]
+        assert low <= entry["throughput_iqr"][0] <= entry["throughput_iqr"][1] <= high
+        assert entry["speedup_range"][0] <= entry["speedup_iqr"][0] <= entry["speedup_iqr"][1] <= entry["speedup_range"][1]
+
+
+def test_a_checkpoint_changed_after_training_is_refused(capsys, tmp_path, toy):
+    from bench.runner import RunOptions, checkpoint_path, train_config
+
+    main(["train", "--dataset", "toy", "--checkpoints", str(tmp_path / "ck"), "--quiet"])
+    opts = RunOptions(dataset="toy", checkpoints=str(tmp_path / "ck"))
+    path = checkpoint_path(opts, train_config(opts, toy))
+    payload = torch.load(path, weights_only=False)
+    payload["model"] = {k: v * 1.01 for k, v in payload["model"].items()}  # still loads
+    torch.save(payload, path)
+    code, _, err = run_cli(capsys, "run", "--dataset", "toy", "--checkpoints", str(tmp_path / "ck"),
+                           "--results", str(tmp_path / "res"), "--quiet")
+    assert code == 2
+    assert_one_line_error(code, err, str(path), "changed after it was written")
     assert not (tmp_path / "res" / "toy.jsonl").exists()

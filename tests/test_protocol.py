@@ -1,7 +1,7 @@
 import torch
 from torch import nn
 
-from bench.protocol import EvalSettings, evaluate, predict, time_methods, window_starts
+from bench.protocol import EvalSettings, evaluate, predict, speed_entry, time_methods, window_starts
 from methods.encoder import Policy, TokenState
 
 
@@ -72,3 +72,35 @@ def test_time_methods_measures_every_run(small_model):
     out = time_methods(runs, images, EvalSettings("whole"), batch_size=1, warmup=0, repeats=2)
     assert set(out) == {"a", "b"}
     assert out["a"]["throughput"] > 0 and out["a"]["latency_ms"]["p90"] >= out["a"]["latency_ms"]["p50"]
+
+
+def test_time_methods_stores_the_spread_over_repeats(small_model):
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    out = time_methods({"a": (small_model, Policy(), 1.0)}, images, EvalSettings("whole"), batch_size=2,
+                       warmup=0, repeats=3)["a"]
+    low, high = out["throughput_range"]
+    assert len(out["repeats"]) == 3 and [low, high] == [min(out["repeats"]), max(out["repeats"])]
+    assert low <= out["throughput_iqr"][0] <= out["throughput"] <= out["throughput_iqr"][1] <= high
+
+
+def test_speedup_spread_is_over_ratios_of_the_same_repeat():
+    # the op is 2x the baseline in every repeat while the machine's speed drifts 1..3x:
+    # ratios of the same repeat are all 2, not spread by the drift
+    timed = {"baseline": {"throughput": 20.0, "repeats": [10.0, 20.0, 30.0]},
+             "op0": {"throughput": 40.0, "throughput_iqr": [30.0, 50.0], "repeats": [20.0, 40.0, 60.0]}}
+    entry = speed_entry(timed, "op0")
+    assert entry["speedup"] == 2.0 and entry["speedup_iqr"] == [2.0, 2.0] and entry["speedup_range"] == [2.0, 2.0]
+    assert entry["baseline_throughput"] == 20.0 and "repeats" not in entry
+    timed["op0"]["repeats"] = [10.0, 40.0, 90.0]  # ratios 1, 2, 3
+    entry = speed_entry(timed, "op0")
+    assert entry["speedup_range"] == [1.0, 3.0] and entry["speedup_iqr"] == [1.5, 2.5]
+
+
+def test_timing_synchronises_the_device_it_runs_on(monkeypatch):
+    from bench import protocol
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(device))
+    protocol._sync("cuda:1")
+    protocol._sync("cpu")
+    assert calls == [torch.device("cuda:1")]  # not the current device (cuda:0)

@@ -1,5 +1,7 @@
 import json
+import math
 import os
+import platform
 import shutil
 import subprocess
 
@@ -148,3 +150,52 @@ def test_provenance_ignores_stored_results_and_reads_commit_without_git(tmp_path
     shutil.rmtree(tmp_path / ".git")  # a source copy without git history
     monkeypatch.setenv("BENCH_GIT_COMMIT", "abc123")
     assert runner.environment("cpu", 1)["git_commit"] == "abc123"
+
+
+def strict_json(line):
+    def refuse(token):
+        raise ValueError(f"not JSON: {token}")
+    return json.loads(line, parse_constant=refuse)
+
+
+def test_nan_is_stored_as_null_that_strict_readers_accept(tmp_path):
+    store = ResultsStore(tmp_path)
+    path = store.append(rec(per_class_iou={"road": 0.7, "sky": float("nan")}))
+    store.rewrite("synthetic", store.load() + [rec(knobs={"tau": 1})])
+    lines = [strict_json(l) for l in path.read_text().splitlines()]  # raises on a bare NaN
+    assert lines[0]["per_class_iou"] == {"road": 0.7, "sky": None} and lines[1]["per_class_iou"][1] is None
+    back = store.load()
+    assert math.isnan(back[0]["per_class_iou"]["sky"]) and math.isnan(back[1]["per_class_iou"][1])
+
+
+def test_files_with_bare_nan_still_read(tmp_path):
+    (tmp_path / "synthetic.jsonl").write_text(json.dumps(rec()) + "\n")  # Python's json writes NaN
+    assert "NaN" in (tmp_path / "synthetic.jsonl").read_text()
+    assert math.isnan(ResultsStore(tmp_path).load()[0]["per_class_iou"][1])
+
+
+def test_identity_holds_the_settings_that_move_the_numbers():
+    settings = dict(images=200, device="cpu", precision="float32", batch_sizes=[1, 8],
+                    eval={"mode": "whole", "window": None, "stride": None, "scale": 1.0})
+    base = record_identity(rec(**settings))
+    for change in [{"images": 3}, {"device": "cuda:0"}, {"precision": "bfloat16"}, {"batch_sizes": [1, 32]},
+                   {"eval": {**settings["eval"], "scale": 0.5}}]:
+        assert record_identity(rec(**{**settings, **change})) != base, change
+    # the device's kind counts, not its index
+    cuda = record_identity(rec(**{**settings, "device": "cuda:0"}))
+    assert cuda == record_identity(rec(**{**settings, "device": "cuda:1"}))
+    # a record from before `precision` (it said `dtype`) is the same measurement
+    old = {k: v for k, v in settings.items() if k != "precision"} | {"dtype": "float32"}
+    assert record_identity(rec(**old)) == base
+    # and one without settings at all has an identity of what it has
+    assert json.loads(record_identity(rec())).keys() == {"method", "knobs", "dataset", "split", "checkpoint"}
+
+
+def test_record_names_the_cpu_model_not_the_architecture(tmp_path, monkeypatch):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Intel(R) Xeon(R) Gold 6230\n")
+    assert runner.cpu_name(str(info)) == "Intel(R) Xeon(R) Gold 6230"
+    assert runner.cpu_name(str(tmp_path / "none")) in {platform.processor() or platform.machine(), "unknown"}
+    monkeypatch.setattr(runner, "cpu_name", lambda: "Some CPU 9000")
+    env = runner.environment("cpu", 1)
+    assert env["cpu_name"] == env["device_name"] == "Some CPU 9000"

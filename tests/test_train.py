@@ -88,3 +88,55 @@ def test_in_memory_data_is_augmented_in_workers_only_on_cuda(toy_dataset, monkey
     workers = step_loader(toy_dataset, cfg, num_workers=2)
     for (a, la), (b, lb) in zip(step_loader(toy_dataset, cfg), workers):
         assert torch.equal(a, b) and torch.equal(la, lb)
+
+
+def read_log(path):
+    import json
+
+    return [json.loads(l) for l in path.read_text().splitlines()]
+
+
+def test_training_log_every_n_steps_and_a_resume_does_not_repeat_steps(tmp_path, toy_dataset):
+    from bench.train import log_path
+
+    cfg = config(steps=12)
+    path = tmp_path / "a.pt"
+    train(fresh_model(cfg), toy_dataset, cfg, path, progress=False, checkpoint_every=4, stop_after=6, log_every=2)
+    assert log_path(path) == tmp_path / "a.log.jsonl"
+    assert [e["step"] for e in read_log(log_path(path))] == [2, 4, 6]
+    # killed after step 6, last checkpoint at 4: the line for 6 is logged again, once
+    payload = load_checkpoint(path)
+    payload["step"] = 4
+    torch.save(payload, path)
+    with open(log_path(path), "a") as f:
+        f.write('{"step": 8, "lo')  # torn by the kill
+    train(fresh_model(cfg), toy_dataset, cfg, path, progress=False, checkpoint_every=4, log_every=2)
+    log = read_log(log_path(path))
+    assert [e["step"] for e in log] == [2, 4, 6, 8, 10, 12]
+    assert set(log[0]) == {"step", "loss", "lr", "step_time_s"}
+    assert all(e["loss"] > 0 and e["step_time_s"] > 0 for e in log)
+    assert [e["lr"] for e in log] == [learning_rate(cfg, e["step"] - 1) for e in log]
+
+
+def test_only_rank_0_writes_the_training_log(tmp_path, toy_dataset, monkeypatch):
+    from bench import distributed
+    from bench.train import log_path
+
+    monkeypatch.setattr(distributed, "rank", lambda: 1)
+    cfg = config(steps=4)
+    train(fresh_model(cfg), toy_dataset, cfg, tmp_path / "r1.pt", progress=False, log_every=2)
+    assert not log_path(tmp_path / "r1.pt").exists()
+
+
+def test_a_checkpoint_whose_weights_changed_is_refused(tmp_path, toy_dataset):
+    cfg = config(steps=2)
+    path = tmp_path / "w.pt"
+    train(fresh_model(cfg), toy_dataset, cfg, path, progress=False)
+    payload = load_checkpoint(path)
+    assert payload["weights"] == load_checkpoint(path)["weights"]
+    name = next(iter(payload["model"]))
+    payload["model"][name] = payload["model"][name] + 1  # still loads, other weights
+    torch.save(payload, path)
+    with pytest.raises(BenchError, match=f"checkpoint {path} was changed after it was written") as info:
+        load_checkpoint(path)
+    assert info.value.exit_code == 2 and "\n" not in str(info.value)
