@@ -271,7 +271,7 @@ def test_datasets_command_lists_roots_counts_problems_and_loader_speed(tmp_path,
     main(["datasets", "--data-root", str(tmp_path / "ade")])
     out = capsys.readouterr().out
     rows = {line.split()[0]: line for line in out.splitlines() if not line.startswith(" ")}
-    assert set(rows) == {"synthetic", "cityscapes", "ade20k", "folder"}
+    assert set(rows) == {"synthetic", "cityscapes", "ade20k", "idd-lite", "folder"}
     assert rows["ade20k"].split()[1] == "missing"
     assert "ADE_train_00000002.jpg has no annotation" in out
     assert "folder: " in out and "classes.txt" in out

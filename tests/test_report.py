@@ -55,7 +55,7 @@ def test_report_index_tokens_figure_and_skipped_datasets(tmp_path, capsys):
     assert "cityscapes-tokens-per-block.png" not in names  # no dynamic method there
     index = (tmp_path / "out" / "README.md").read_text()
     assert "[toy.md](toy.md)" in index and "[toy-paumer-compute-maps.png]" in index
-    assert "No records for synthetic, ade20k, folder: skipped." in index
+    assert "No records for synthetic, ade20k, idd-lite, folder: skipped." in index
     assert "skipped" in capsys.readouterr().out
 
 

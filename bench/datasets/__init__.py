@@ -126,6 +126,24 @@ def _resolve_folder(spec: "DatasetSpec", root: Path) -> "DatasetSpec":
     return folder.resolve(spec, root)
 
 
+def _open_idd_lite(split: str, root: Path):
+    from bench.datasets import idd_lite
+
+    return idd_lite.open_split(split, root, train_short_side=_preset("idd-lite").resize_short)
+
+
+def _count_idd_lite(root: Path) -> dict:
+    from bench.datasets import idd_lite
+
+    return idd_lite.count_splits(root)
+
+
+def _idd_lite_classes() -> tuple[str, ...]:
+    from bench.datasets.idd_lite import CLASSES
+
+    return CLASSES
+
+
 def _cityscapes_classes() -> tuple[str, ...]:
     from bench.datasets.cityscapes import CLASSES
 
@@ -179,6 +197,18 @@ DATASETS: dict[str, DatasetSpec] = {
         open_split=_open_ade20k,
         description="150 classes, short side 512 (ADEChallengeData2016)",
         count_splits=_count_ade20k,
+    ),
+    # CPU scale, like synthetic (see docs): the tiny model on short side 160, whole images
+    "idd-lite": DatasetSpec(
+        name="idd-lite",
+        classes=_idd_lite_classes(),
+        preset=DatasetPreset(eval_mode="whole", crop_size=128, scale_range=(0.75, 1.5), batch_size=8,
+                             lr=1e-3, steps=1600, resize_short=160),
+        root_env="IDD_LITE_DATASET",
+        default_root="data/idd-lite",
+        open_split=_open_idd_lite,
+        description="7 IDD level-1 classes, 320x227 dash-camera photos (idd20k_lite)",
+        count_splits=_count_idd_lite,
     ),
     "folder": DatasetSpec(
         name="folder",
