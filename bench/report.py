@@ -32,9 +32,10 @@ def pareto_front(cost: pd.Series, quality: pd.Series) -> pd.Series:
 def series(method: str, knobs: dict) -> str:
     """The line a point belongs to in the figures: the method, plus every knob that its
     sweep does not vary (``early-exit mode=image``, ``paumer batching=packed``)."""
-    from methods import METHODS
+    from methods import all_methods
 
-    swept = METHODS[method].swept if method in METHODS else ""
+    known = all_methods()  # plugins' methods too
+    swept = known[method].swept if method in known else ""
     fixed = {k: v for k, v in knobs.items() if k != swept}
     return f"{method} {op_label(fixed)}" if fixed else method
 
@@ -156,8 +157,9 @@ def tokens_figure(records: list[dict], dataset: str, path: Path) -> list[Path]:
             for b, f in enumerate(r.get("tokens_per_block") or [])]
     if not rows:
         return []
-    from methods import METHODS
+    from methods import all_methods
 
+    known = all_methods()
     plt, sns = _pyplot()
     df = pd.DataFrame(rows)
     panels = sorted(df["series"].unique())
@@ -165,7 +167,7 @@ def tokens_figure(records: list[dict], dataset: str, path: Path) -> list[Path]:
     for ax, name in zip(axes[0], panels):
         sub = df[df["series"] == name]
         method = name.split(" ")[0]
-        swept = METHODS[method].swept if method in METHODS else ""
+        swept = known[method].swept if method in known else ""
         hue = sub["op"].map(lambda op: " ".join(p for p in op.split() if p.startswith(f"{swept}=")) or op)
         sns.lineplot(x=sub["block"], y=sub["fraction"], hue=hue, hue_order=list(dict.fromkeys(hue)), marker="o",
                      ax=ax, palette="viridis")

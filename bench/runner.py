@@ -24,7 +24,7 @@ from bench.flops import FlopModel
 from bench.protocol import EvalSettings, evaluate, speed_entry, time_methods
 from bench.results import SCHEMA_VERSION, ResultsStore
 from bench.train import TrainConfig, load_checkpoint, train
-from methods import METHODS, MethodSpec
+from methods import METHODS, MethodSpec, all_methods
 from methods.encoder import Policy
 from methods.segmenter import build_model
 
@@ -59,9 +59,12 @@ class RunOptions:
 
 
 def get_method(name: str) -> MethodSpec:
-    if name not in METHODS:
-        raise BenchError(f"unknown method {name!r}; expected one of: {', '.join(METHODS)}")
-    return METHODS[name]
+    if name in METHODS:  # a built-in: no need to look for plugins
+        return METHODS[name]
+    known = all_methods()
+    if name not in known:
+        raise BenchError(f"unknown method {name!r}; expected one of: {', '.join(known)}")
+    return known[name]
 
 
 def parse_op(method: MethodSpec, text: str) -> dict:

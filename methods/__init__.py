@@ -1,7 +1,11 @@
 """Method registry: each method is a policy over the shared encoder loop plus its
-operating points. Adding a method = one module in ``methods/`` and one entry here."""
+operating points. Adding a method = one module in ``methods/`` and one entry here, or a
+package of its own that registers a ``MethodSpec`` under the entry-point group
+``bench.methods`` (``all_methods``; docs/add-a-method.md)."""
 from __future__ import annotations
 
+import functools
+import sys
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -99,3 +103,56 @@ METHODS: dict[str, MethodSpec] = {
         map_ops=[{"mode": "token", "threshold": 0.95}, {"mode": "token", "threshold": 0.9}], swept="threshold",
     ),
 }
+
+
+PLUGIN_GROUP = "bench.methods"
+
+
+def all_methods() -> dict[str, MethodSpec]:
+    """The built-in methods, then those of installed plugins (``plugin_methods``)."""
+    return {**METHODS, **plugin_methods()}
+
+
+@functools.lru_cache(maxsize=None)
+def plugin_methods() -> dict[str, MethodSpec]:
+    """Methods registered under the entry-point group ``bench.methods``: each entry point
+    names a MethodSpec, or a callable taking no arguments that returns one, and its name
+    is the method's. Found on the first call, then cached (``plugin_methods.cache_clear()``
+    looks again). A broken plugin is skipped with one line on stderr; the others load."""
+    from importlib.metadata import entry_points
+
+    try:
+        found = entry_points(group=PLUGIN_GROUP)
+    except TypeError:  # Python 3.9: a dict of groups
+        found = entry_points().get(PLUGIN_GROUP, [])
+    plugins: dict[str, MethodSpec] = {}
+    for ep in found:
+        try:
+            spec = _load_plugin(ep, plugins)
+        except Exception as e:  # noqa: BLE001 (a plugin may fail in any way; the others still load)
+            reason = (str(e).splitlines() or [""])[0]
+            if not isinstance(e, PluginError):
+                reason = f"{type(e).__name__}: {reason}"
+            print(f"warning: skipped method plugin {ep.name!r} ({ep.value}): {reason}", file=sys.stderr)
+            continue
+        plugins[spec.name] = spec
+    return plugins
+
+
+class PluginError(Exception):
+    """Why an entry point of ``bench.methods`` is not a usable method."""
+
+
+def _load_plugin(ep, loaded: dict) -> MethodSpec:
+    if ep.name in METHODS:
+        raise PluginError("the name clashes with a built-in method (the built-in is kept)")
+    if ep.name in loaded:
+        raise PluginError("another plugin already registered that name")
+    spec = ep.load()
+    if callable(spec) and not isinstance(spec, MethodSpec):
+        spec = spec()
+    if not isinstance(spec, MethodSpec):
+        raise PluginError(f"expected a MethodSpec or a callable returning one, got {type(spec).__name__}")
+    if spec.name != ep.name:
+        raise PluginError(f"the entry point's name must be the method's, got MethodSpec name {spec.name!r}")
+    return spec
