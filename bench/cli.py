@@ -235,11 +235,15 @@ def datasets_cmd(data_root, names, speed, batches, workers, device):
 @cli.command(name="report")
 @click.option("--results", default="results", show_default=True, help="results folder")
 @click.option("--out", default="reports", show_default=True, help="where tables and figures go")
-def report_cmd(results, out):
-    """Tables (Markdown + CSV) and trade-off figures from the stored records."""
+@click.option("--width", type=click.Choice(["column", "text"]), default="text", show_default=True,
+              help="figure width: one column (3.3 in) or the text width (7 in) of a two-column paper")
+@click.option("--checkpoints", default="checkpoints", show_default=True,
+              help="checkpoint folder, where the training logs drawn as curves are")
+def report_cmd(results, out, width, checkpoints):
+    """Tables (Markdown, LaTeX, CSV) and figures (PNG, SVG, PDF) from the stored records."""
     from bench.report import report
 
-    for path in report(results, out):
+    for path in report(results, out, width=width, checkpoints=checkpoints):
         click.echo(f"wrote {path}")
 
 

@@ -2,11 +2,16 @@
 from __future__ import annotations
 
 from pathlib import Path
+from collections import Counter
+from typing import Sequence
 
 import numpy as np
 import torch
 
 from bench.protocol import EvalSettings, predict
+
+FONT_PT = 7  # smallest text at the printed size (the figure is drawn at its print width)
+MAX_LEGEND_CLASSES = 30
 
 
 def _colorize(label: np.ndarray, palette) -> np.ndarray:
@@ -15,44 +20,101 @@ def _colorize(label: np.ndarray, palette) -> np.ndarray:
     return lut[label.astype(np.uint8)]
 
 
+def spread_indices(n: int, count: int) -> list[int]:
+    """``count`` indices evenly spaced over a split of ``n`` images, first and last
+    included: images of consecutive video frames sit far apart, not side by side."""
+    if n <= 0 or count <= 0:
+        return []
+    return sorted({int(i) for i in np.linspace(0, n - 1, min(count, n)).round()})
+
+
+def exit_levels(policies: Sequence, depth: int, maps: Sequence[np.ndarray] = ()) -> list[int]:
+    """The blocks a token can leave after: the policies' pausing or exit layers (their
+    ``describe()["layers"]``), plus ``depth`` (never left). A policy that does not name
+    its layers contributes the values its maps hold."""
+    levels = {depth}
+    for policy in policies:
+        layers = policy.describe().get("layers") if hasattr(policy, "describe") else None
+        if layers:
+            levels.update(int(l) for l in layers)
+        else:
+            levels.update(int(v) for m in maps for v in np.unique(m))
+    return sorted(levels)
+
+
+def level_labels(levels: Sequence[int], depth: int) -> list[str]:
+    return [f"full depth ({depth})" if l == depth else f"after block {l}" for l in levels]
+
+
 @torch.inference_mode()
 def pause_maps(model, runs: list, dataset, indices: list[int], path: Path, *, palette, depth: int,
-               title: str = "") -> Path:
+               classes: Sequence[str] = (), title: str = "", width: float = 7.0) -> Path:
     """One row per image: image, label, then for each (name, policy) in ``runs`` the
-    prediction and the layer at which each patch left the encoder (``depth`` = never).
-    Written as PNG and SVG next to ``path``."""
+    prediction and the block after which each patch left the encoder. Below, a legend
+    of the classes shown; at the side, a colour bar of the blocks a patch can leave
+    after (the policies' layers, and full depth). Drawn ``width`` inches wide, written
+    as PNG, SVG and PDF next to ``path``, each atomically; returns the PNG's path."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
-    cols = 2 + 2 * len(runs)
-    fig, axes = plt.subplots(len(indices), cols, figsize=(2.1 * cols, 2.1 * len(indices)), squeeze=False)
-    cmap = plt.get_cmap("viridis", depth)
+    from bench.fileio import atomic_write
+
     settings = EvalSettings("whole", device=str(next(model.parameters()).device))  # where the model is
-    for row, i in enumerate(indices):
+    rows, left_maps, shown = [], [], Counter()  # class -> pixels drawn
+    for i in indices:
         image, label = dataset[i]
-        panels = [(image.permute(1, 2, 0).numpy(), "image", {}), (_colorize(label.numpy(), palette), "label", {})]
+        label = label.numpy()
+        row = [(image.permute(1, 2, 0).numpy(), "image"), (_colorize(label, palette), "label")]
+        shown.update(dict(zip(*np.unique(label, return_counts=True))))
         for name, policy in runs:
             pred = predict(model, policy, image[None], settings, keep_maps=True)
-            panels.append((_colorize(pred.logits.argmax(1)[0].cpu().numpy(), palette), f"{name}: prediction", {}))
-            panels.append((pred.left_at[0].cpu().numpy(), f"{name}: layer left",
-                           {"cmap": cmap, "vmin": 0.5, "vmax": depth + 0.5, "interpolation": "nearest"}))
-        for ax, (data, name, kw) in zip(axes[row], panels):
-            im = ax.imshow(data, **kw)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if row == 0:
-                ax.set_title(name, fontsize=8)
-    cbar = fig.colorbar(im, ax=axes.ravel().tolist(), ticks=range(1, depth + 1), shrink=0.6)
-    cbar.set_label(f"block after which the patch left ({depth} = computed by every block)", fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=9)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for suffix in (".png", ".svg"):
-        # fixed ids and no date: the same maps give the same SVG bytes
-        with plt.rc_context({"svg.hashsalt": "bench"}):
-            fig.savefig(path.with_suffix(suffix), dpi=150, bbox_inches="tight",
-                        metadata={"Date": None} if suffix == ".svg" else None)
+            argmax = pred.logits.argmax(1)[0].cpu().numpy()
+            shown.update(dict(zip(*np.unique(argmax, return_counts=True))))
+            left = pred.left_at[0].cpu().numpy()
+            left_maps.append(left)
+            row += [(_colorize(argmax, palette), f"{name}\nprediction"), (left, f"{name}\nleft after block")]
+        rows.append(row)
+    levels = exit_levels([policy for _, policy in runs], depth, left_maps)
+    cmap = plt.get_cmap("viridis", len(levels))
+    rc = {"font.size": FONT_PT, "axes.titlesize": FONT_PT, "legend.fontsize": FONT_PT, "xtick.labelsize": FONT_PT,
+          "ytick.labelsize": FONT_PT, "axes.labelsize": FONT_PT, "pdf.fonttype": 42, "svg.hashsalt": "bench"}
+    with plt.rc_context(rc):
+        cols = len(rows[0])
+        cell = (width - 1.0) / cols  # an inch for the colour bar and its labels
+        fig, axes = plt.subplots(len(rows), cols, figsize=(width, cell * len(rows) + 0.9), squeeze=False,
+                                 layout="constrained")
+        for r, row in enumerate(rows):
+            for ax, (data, name) in zip(axes[r], row):
+                if data.ndim == 2:  # a map of exit blocks, drawn as the index of its level
+                    im = ax.imshow(np.searchsorted(levels, data), cmap=cmap, vmin=-0.5, vmax=len(levels) - 0.5,
+                                   interpolation="nearest")
+                else:
+                    ax.imshow(data, interpolation="nearest")
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if r == 0:
+                    ax.set_title(name)
+        bar = fig.colorbar(im, ax=axes[:, -1].tolist(), ticks=range(len(levels)), shrink=0.9, aspect=30)
+        bar.ax.set_yticklabels(level_labels(levels, depth))
+        bar.set_label("patch left the encoder")
+        drawn = [c for c, _ in shown.most_common() if c < len(palette) and (not classes or c < len(classes))]
+        present = sorted(drawn[:MAX_LEGEND_CLASSES])  # a 150-class dataset: the classes that cover most
+        handles = [Patch(facecolor=np.asarray(palette[c]) / 255, edgecolor="none",
+                         label=classes[c] if classes else str(c)) for c in map(int, present)]
+        if 255 in shown:
+            handles.append(Patch(facecolor="black", edgecolor="none", label="ignored"))
+        fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 8), frameon=False,
+                   handlelength=1.0, handleheight=1.0, columnspacing=1.0)
+        if title:
+            fig.suptitle(title)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        formats = [("png", {"dpi": 300}), ("svg", {"metadata": {"Date": None}}),
+                   ("pdf", {"metadata": {"CreationDate": None, "ModDate": None}})]
+        for fmt, kwargs in formats:  # no dates: the same maps give the same bytes
+            atomic_write(path.with_name(f"{path.name}.{fmt}"),
+                         lambda f, fmt=fmt, kwargs=kwargs: fig.savefig(f, format=fmt, **kwargs))
     plt.close(fig)
-    return path.with_suffix(".png")
+    return path.with_name(f"{path.name}.png")

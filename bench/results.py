@@ -160,6 +160,20 @@ class ResultsStore:
                     records.append(rec)
         return records, problems
 
+    def load_located(self, dataset: str | None = None) -> tuple[list[tuple[str, dict]], list[str]]:
+        """Like ``load_with_errors``, each good record paired with its "<file>:<line>",
+        for readers that check more than the store does and must say where."""
+        located, problems = [], []
+        for path in self._files(dataset):
+            for n, line in enumerate(_lines(path.read_bytes()), start=1):
+                if line.strip():
+                    rec, why = _parse(line)
+                    if why:
+                        problems.append(f"{path}:{n}: {why}")
+                    else:
+                        located.append((f"{path}:{n}", rec))
+        return located, problems
+
     def load(self, dataset: str | None = None) -> list[dict]:
         """All records; any bad line is a BenchError naming its file and line."""
         records, problems = self.load_with_errors(dataset)

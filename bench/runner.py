@@ -328,17 +328,17 @@ def run(opts: RunOptions) -> list[dict]:
 
 
 def write_maps(opts: RunOptions, method: MethodSpec, spec, trained, model, val, count: int = 4) -> Path:
-    """Where the method spent compute on a few validation images, next to the results."""
-    from bench.figures import pause_maps
+    """Where the method spent compute on a few validation images spread over the whole
+    split (consecutive frames of a video would be near-duplicates), next to the results."""
+    from bench.figures import pause_maps, spread_indices
 
-    runs = [(" ".join(f"{k}={v}" for k, v in knobs.items()), method.make_policy(trained, **knobs))
+    runs = [(" ".join([method.name] + [f"{k}={v}" for k, v in knobs.items()]), method.make_policy(trained, **knobs))
             for knobs in method.map_ops]
-    indices = list(range(0, min(len(val), 4 * count), 4))[:count]
+    indices = spread_indices(len(val), count)
     palette = getattr(val, "palette", None) or [tuple(np.random.default_rng(c).integers(0, 255, 3))
                                                  for c in range(spec.num_classes)]
     path = Path(opts.results) / "figures" / f"{spec.name}-{method.name}-compute-maps"
-    return pause_maps(model, runs, val, indices, path, palette=palette, depth=model.depth,
-                      title=f"{method.name} on {spec.name}: prediction and the block after which each patch left")
+    return pause_maps(model, runs, val, indices, path, palette=palette, depth=model.depth, classes=spec.classes)
 
 
 def eval_images(opts: RunOptions, val) -> int:
