@@ -16,7 +16,7 @@ class FineTune:
     """How a method fine-tunes from the baseline checkpoint. Every method that trains
     gets the same budget: half the baseline's steps at half its learning rate."""
 
-    build: Callable  # (baseline Segmenter, **knobs) -> trainable module holding it as `.segmenter`
+    build: Callable  # (baseline Segmenter, **knobs) -> trainable module: it, or one holding it as `.segmenter`
     loss: Callable  # (trainable, images, labels, **knobs) -> scalar loss
     knobs: dict = field(default_factory=dict)  # training knobs (part of the checkpoint's config hash)
     steps_fraction: float = 0.5
