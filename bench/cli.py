@@ -103,8 +103,9 @@ def run(method, ops, limit, replace, timing_images, repeats, **kw):
         return
     for r in records:
         s = r["speed"]
+        control = f", {100 * r['miou_delta_control']:+.2f} vs baseline-ft" if "miou_delta_control" in r else ""
         click.echo(f"{r['method']:9s} {_knobs(r['knobs']):24s} mIoU {100 * r['miou']:6.2f} "
-                   f"({100 * r['miou_delta']:+.2f})  GFLOPs {r['gflops']['mean']:7.3f} "
+                   f"({100 * r['miou_delta']:+.2f}{control})  GFLOPs {r['gflops']['mean']:7.3f} "
                    f"({100 * (r['gflops_ratio'] - 1):+.1f}%)  "
                    + "  ".join(f"b{b}: {s[b]['throughput']:7.1f} img/s x{s[b]['speedup']:.2f}" for b in s))
     if records:
@@ -121,28 +122,24 @@ def _knobs(knobs: dict) -> str:
 
 @cli.command()
 @click.option("--method", default="baseline", show_default=True, help="baseline, or a method that fine-tunes")
+@click.option("--op", "ops", multiple=True,
+              help="operating point whose checkpoint to train, e.g. 'depth=2' for shallow (default: its sweep's)")
 @common_options
-def train(method, **kw):
+def train(method, ops, **kw):
     """Train a checkpoint (resumes if interrupted; reuses it if complete)."""
-    from bench import datasets
-    from bench.runner import fine_tune, get_method, train_checkpoint, train_config
+    from bench.runner import get_method, parse_op, train_method
 
-    spec = datasets.get_spec(kw["dataset"], kw["data_root"])
-    m = get_method(method)
-    if m.fine_tune is None and method != "baseline":
-        raise BenchError(f"{method} uses the baseline's weights; there is nothing of its own to train")
-    opts = _options(method=method, **kw)
-    base_cfg = train_config(opts, spec)
-    model, payload = train_checkpoint(opts, base_cfg)
-    if m.fine_tune is not None:
-        model, payload = fine_tune(opts, m, spec, base_cfg, model, payload)
+    spec = get_method(method)
+    opts = _options(method=method, ops=[parse_op(spec, o) for o in ops] or None, **kw)
+    payloads = train_method(opts)
     if _is_main():
-        click.echo(f"checkpoint ready: {payload['config']['method']} weights {payload['weights']} "
-               f"after {payload['step']} steps")
+        for payload in payloads:
+            click.echo(f"checkpoint ready: {payload['config']['method']} weights {payload['weights']} "
+                       f"after {payload['step']} steps")
 
 
 @cli.command()
-@click.option("--methods", default="baseline,static,paumer,tome,early-exit", show_default=True,
+@click.option("--methods", default="baseline,baseline-ft,shallow,static,paumer,tome,early-exit", show_default=True,
               help="comma-separated; one job per method and dataset")
 @click.option("--op", "ops", multiple=True,
               help="METHOD:KNOBS, e.g. 'paumer:tau=0.2' (repeatable; a method without one runs its default sweep)")

@@ -131,17 +131,23 @@ class FlopModel:
             return count_flops(lambda im: self.model.embed(im)[0], (images,), owner=self.model)
         return self._cached(("embed", h, w), count)
 
-    def decode_flops(self, image_hw: tuple[int, int]) -> int:
-        """Final norm + decoder + upsampling on the full token grid of one image."""
+    def decode_flops(self, image_hw: tuple[int, int], rows: int | None = None) -> int:
+        """Final norm + decoder + upsampling for one image: on the full token grid, or
+        (``rows``) on that many merged rows (``Segmenter.decode_rows``)."""
         h, w = map(int, image_hw)
 
         def count():
             p = self._param()
             grid = self.model.grid_size(h, w)
-            tokens = torch.zeros(1, grid[0] * grid[1], self.model.config.embed_dim,
-                                 dtype=p.dtype, device=p.device)
-            return count_flops(lambda t: self.model.decode(t, grid, (h, w)), (tokens,), owner=self.model)
-        return self._cached(("decode", h, w), count)
+            n = grid[0] * grid[1] if rows is None else rows
+            tokens = torch.zeros(1, n, self.model.config.embed_dim, dtype=p.dtype, device=p.device)
+            if rows is None:
+                return count_flops(lambda t: self.model.decode(t, grid, (h, w)), (tokens,), owner=self.model)
+            size = torch.ones(1, n, dtype=p.dtype, device=p.device)
+            source = torch.zeros(1, grid[0] * grid[1], dtype=torch.long, device=p.device)
+            return count_flops(lambda t, s: self.model.decode_rows(t, s, source, grid, (h, w)), (tokens, size),
+                               owner=self.model)
+        return self._cached(("decode", h, w) + (() if rows is None else (int(rows),)), count)
 
     def image_flops(self, trace: ComputeTrace, image_hw: tuple[int, int]) -> Tensor:
         """(B,) int64 FLOPs of each image of the forward that produced ``trace``.
@@ -149,8 +155,11 @@ class FlopModel:
         ``trace`` may also be the TokenState that holds it. Every image has size ``image_hw``.
         """
         trace = getattr(trace, "trace", trace)
-        decoded = trace.decoded if trace.decoded is not None else torch.ones(trace.tokens.shape[0], dtype=torch.bool)
-        total = self.embed_flops(image_hw) + self.decode_flops(image_hw) * decoded.long()
+        B = trace.tokens.shape[0]
+        decoded = trace.decoded if trace.decoded is not None else torch.ones(B, dtype=torch.long)
+        rows = trace.decoder_rows.tolist() if trace.decoder_rows is not None else [None] * B
+        decode = torch.tensor([self.decode_flops(image_hw, n) for n in rows], dtype=torch.long)
+        total = self.embed_flops(image_hw) + decode * decoded.long()
         for key, counts in trace.items:
             total += torch.tensor([self.cost(key, n) for n in counts.tolist()], dtype=torch.long)
         return total

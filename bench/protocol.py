@@ -219,7 +219,7 @@ def speed_entry(timed: dict, name: str, baseline: str = "baseline") -> dict:
 
 @torch.inference_mode()
 def time_methods(runs: dict, images, settings: EvalSettings, *, batch_size: int,
-                 warmup: int = 2, repeats: int = 5) -> dict:
+                 warmup: int = 2, repeats: int = 5, labels=None) -> dict:
     """Throughput (images/s) and batch-1 latency of several methods on the same
     pre-loaded uint8 images, interleaved repeat by repeat so that drift in the machine's
     speed hits every method alike. ``runs`` maps name -> (model, policy, scale).
@@ -230,16 +230,24 @@ def time_methods(runs: dict, images, settings: EvalSettings, *, batch_size: int,
     its spread; ``repeats``: each repeat's); latency p50/p90 is over every image of every
     repeat when ``batch_size`` is 1. ``images``: a (N, 3, H, W) tensor, or a list
     of (3, H, W) images of different sizes (ADE20K), batched where consecutive sizes agree.
+    ``labels``: the images' pixel labels, in the same form, for a policy that needs them
+    to run (``needs_labels``: the oracle criterion): each forward gets its own images'.
     """
+    unlabelled = [name for name, (_, policy, _) in runs.items() if getattr(policy, "needs_labels", False)]
+    if unlabelled and labels is None:
+        raise BenchError(f"timing {', '.join(unlabelled)} needs the timing images' labels")
     # whole images: `batch_size` images per forward; windows: one image at a time, its
     # windows `batch_size` per forward
     per_pass = batch_size if settings.mode == "whole" else 1
     if isinstance(images, Tensor):
         images = images.to(settings.device)
         chunks = images.split(per_pass)
+        label_chunks = labels.split(per_pass) if labels is not None else None
     else:
-        chunks = [torch.stack([image for image, _ in batch]).to(settings.device)
-                  for batch in image_batches([(image, None) for image in images], per_pass)]
+        pairs = list(zip(images, labels if labels is not None else [None] * len(images)))
+        batches = list(image_batches(pairs, per_pass))
+        chunks = [torch.stack([image for image, _ in batch]).to(settings.device) for batch in batches]
+        label_chunks = [torch.stack([label for _, label in batch]) for batch in batches] if labels is not None else None
     run_settings = replace(settings, batch_size=batch_size)
     rates = {name: [] for name in runs}
     latencies = {name: [] for name in runs}
@@ -249,7 +257,9 @@ def time_methods(runs: dict, images, settings: EvalSettings, *, batch_size: int,
             model.eval()
             _sync(device)
             start = time.perf_counter()
-            for chunk in chunks:
+            for k, chunk in enumerate(chunks):
+                if label_chunks is not None and getattr(policy, "needs_labels", False):
+                    policy.pixel_labels = label_chunks[k].to(settings.device)  # this chunk's, as evaluated
                 t0 = time.perf_counter()
                 predict(model, policy, chunk, run_settings, scale=scale)
                 _sync(device)

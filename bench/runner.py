@@ -24,9 +24,9 @@ from bench.flops import FlopModel
 from bench.protocol import EvalSettings, evaluate, speed_entry, time_methods
 from bench.results import SCHEMA_VERSION, ResultsStore
 from bench.train import TrainConfig, load_checkpoint, train
-from methods import METHODS, MethodSpec, all_methods
+from methods import CONTROL, METHODS, MethodSpec, all_methods
 from methods.encoder import Policy
-from methods.segmenter import build_model
+from methods.segmenter import build_model, model_config
 
 REPO = Path(__file__).resolve().parent.parent
 PRECISION = "float32"  # every model runs in it today; part of a record's identity
@@ -178,24 +178,114 @@ def train_checkpoint(opts: RunOptions, cfg: TrainConfig, model=None, **train_kwa
     return model.eval(), payload
 
 
-def fine_tune_config(method: MethodSpec, base_cfg: TrainConfig, base_weights: str) -> TrainConfig:
-    """The configuration of ``method``'s fine-tuning from the baseline with these weights."""
+def fine_tune_config(method: MethodSpec, base_cfg: TrainConfig, base_weights: str,
+                     knobs: Optional[dict] = None) -> TrainConfig:
+    """The configuration of ``method``'s fine-tuning from the baseline with these weights,
+    for the operating point ``knobs`` where its training knobs pick the checkpoint
+    (``FineTune.op_knobs``: shallow's depth)."""
     ft = method.fine_tune
-    return replace(base_cfg, method=method.name, method_knobs=dict(ft.knobs), init_from=base_weights,
+    train_knobs = {k: knobs[k] for k in ft.op_knobs if k in (knobs or {})}
+    other = ft.same_as(train_knobs, _model_depth(base_cfg)) if ft.same_as else None
+    if other is not None:  # shallow at full depth is baseline-ft: one checkpoint
+        return fine_tune_config(get_method(other), base_cfg, base_weights)
+    return replace(base_cfg, method=method.name, method_knobs={**ft.knobs, **train_knobs}, init_from=base_weights,
                    steps=max(1, round(base_cfg.steps * ft.steps_fraction)), lr=base_cfg.lr * ft.lr_factor,
                    warmup_steps=min(base_cfg.warmup_steps, 50))
 
 
 def fine_tune(opts: RunOptions, method: MethodSpec, spec: datasets.DatasetSpec, base_cfg: TrainConfig,
-              base_model, base_payload: dict):
-    """The method's fine-tuned model, trained from the baseline weights if missing."""
-    ft = method.fine_tune
-    cfg = fine_tune_config(method, base_cfg, base_payload["weights"])
+              base_model, base_payload: dict, knobs: Optional[dict] = None):
+    """The method's fine-tuned model (for the operating point ``knobs`` where its
+    checkpoint depends on them), trained from the baseline weights if missing."""
+    cfg = fine_tune_config(method, base_cfg, base_payload["weights"], knobs)
+    ft = get_method(cfg.method).fine_tune  # the method whose checkpoint it is (same_as)
     segmenter = new_model(base_cfg)
     segmenter.load_state_dict(base_model.state_dict())
-    trainable = ft.build(segmenter, **ft.knobs)
-    loss = lambda m, images, labels: ft.loss(m, images, labels, **ft.knobs)  # noqa: E731
+    try:
+        trainable = ft.build(segmenter, **cfg.method_knobs)
+    except (TypeError, ValueError) as e:
+        raise BenchError(f"bad operating point {knobs or {}} for {method.name}: {e}") from None
+    loss = lambda m, images, labels: ft.loss(m, images, labels, **cfg.method_knobs)  # noqa: E731
     return train_checkpoint(opts, cfg, model=trainable, loss_fn=loss)
+
+
+def _model_depth(cfg: TrainConfig) -> int:
+    try:
+        return model_config(cfg.model, **cfg.model_overrides).depth
+    except (TypeError, ValueError) as e:
+        raise BenchError(str(e)) from None
+
+
+def eval_tokens(spec: datasets.DatasetSpec, patch_size: int, val) -> int:
+    """Tokens per forward at evaluation: a window's (sliding windows), or the first
+    validation image's after the dataset's resize (whole images)."""
+    p = spec.preset
+    if p.eval_mode == "slide":
+        return (-(-p.window // patch_size)) ** 2
+    H, W = val[0][0].shape[-2:]
+    if p.resize_short:
+        f = p.resize_short / min(H, W)
+        H, W = max(1, round(H * f)), max(1, round(W * f))
+    return -(-H // patch_size) * -(-W // patch_size)
+
+
+def operating_points(opts: RunOptions, method: MethodSpec, spec: datasets.DatasetSpec, val=None) -> list[dict]:
+    """``opts.ops``, or the method's default sweep for this model and input (ToMe's r
+    follows the tokens per forward, shallow's depths the model's depth)."""
+    if opts.ops is not None:
+        return list(opts.ops)
+    if method.default_ops_for is None:
+        return list(method.default_ops)
+    cfg = train_config(opts, spec)
+    try:
+        config = model_config(cfg.model, **cfg.model_overrides)
+    except (TypeError, ValueError) as e:
+        raise BenchError(str(e)) from None
+    val = val if val is not None else datasets.open_dataset(opts.dataset, spec.preset.val_split, opts.data_root)
+    return method.sweep(config.depth, eval_tokens(spec, config.patch_size, val))
+
+
+def checkpoint_groups(method: MethodSpec, ops: list[dict]) -> list[list[dict]]:
+    """``ops`` grouped by the checkpoint they run on, in order: one group unless the
+    method's training knobs vary between them (shallow: one per depth)."""
+    keys = method.fine_tune.op_knobs if method.fine_tune is not None else ()
+    groups: dict = {}
+    for knobs in ops:
+        groups.setdefault(repr([knobs.get(k) for k in keys]), []).append(knobs)
+    return list(groups.values())
+
+
+def train_method(opts: RunOptions) -> list[dict]:
+    """``bench train``: the baseline checkpoint, then the method's fine-tune(s) from it
+    (shallow: one per depth of ``opts.ops`` or of its default sweep). Returns the
+    payloads of the method's checkpoints."""
+    method = get_method(opts.method)
+    if method.fine_tune is None and method.name != "baseline":
+        raise BenchError(f"{method.name} uses the baseline's weights; there is nothing of its own to train")
+    spec = datasets.get_spec(opts.dataset, opts.data_root)
+    base_cfg = train_config(opts, spec)
+    base_model, base_payload = train_checkpoint(opts, base_cfg)
+    if method.fine_tune is None:
+        return [base_payload]
+    groups = checkpoint_groups(method, operating_points(opts, method, spec))
+    return [fine_tune(opts, method, spec, base_cfg, base_model, base_payload, group[0])[1] for group in groups]
+
+
+def control_reference(opts: RunOptions, spec: datasets.DatasetSpec, base_cfg: TrainConfig, base_model,
+                      base_payload: dict, evaluate_it) -> dict:
+    """The equal-budget control (``baseline-ft``): its checkpoint, trained if missing, and
+    its mIoU (``evaluate_it(model)``: the run's evaluation, with the full model's policy)."""
+    model, payload = fine_tune(opts, get_method(CONTROL), spec, base_cfg, base_model, base_payload)
+    return {"checkpoint": payload.get("weights"), "miou": evaluate_it(model.to(opts.device).eval())["miou"]}
+
+
+def control_fields(miou: float, control: Optional[dict]) -> dict:
+    """A record's comparison with the equal-budget control (none for methods that run on
+    the baseline's weights)."""
+    if control is None:
+        return {}
+    return {"control_checkpoint": control["checkpoint"], "control_miou": control["miou"],
+            "miou_delta_control": miou - control["miou"]}
 
 
 def _settings(spec: datasets.DatasetSpec, opts: RunOptions) -> EvalSettings:
@@ -210,21 +300,27 @@ def pending_ops(opts: RunOptions) -> Optional[list]:
     method = get_method(opts.method)
     spec = datasets.get_spec(opts.dataset, opts.data_root)
     base_cfg = train_config(opts, spec)
-    payload = stored_checkpoint(opts, base_cfg)
-    if payload is not None and method.fine_tune is not None:
-        payload = stored_checkpoint(opts, fine_tune_config(method, base_cfg, payload["weights"]))
-    if payload is None:
+    base = stored_checkpoint(opts, base_cfg)
+    if base is None:
         return None
-    ops = opts.ops if opts.ops is not None else method.default_ops
+    try:
+        val = datasets.open_dataset(opts.dataset, spec.preset.val_split, opts.data_root)
+    except BenchError:  # the data is not here (a launcher without it): the job will see
+        return None
+    ops = operating_points(opts, method, spec, val)
+    checkpoints = []
+    for knobs in ops:  # each operating point's checkpoint (shallow: one per depth)
+        payload = base if method.fine_tune is None else stored_checkpoint(
+            opts, fine_tune_config(method, base_cfg, base["weights"], knobs))
+        if payload is None:
+            return None
+        checkpoints.append(payload["weights"])
     if opts.replace:
         return list(ops)
     store = ResultsStore(opts.results)
-    try:
-        images = eval_images(opts, datasets.open_dataset(opts.dataset, spec.preset.val_split, opts.data_root))
-    except BenchError:  # the data is not here (a launcher without it): the job will see
-        return None
-    return [k for k in ops if not store.exists(
-        point_identity(opts, spec, method.name, k, payload["weights"], images, method.input_scale(k)))]
+    images = eval_images(opts, val)
+    return [k for k, weights in zip(ops, checkpoints) if not store.exists(
+        point_identity(opts, spec, method.name, k, weights, images, method.input_scale(k)))]
 
 
 def run(opts: RunOptions) -> list[dict]:
@@ -244,13 +340,16 @@ def run(opts: RunOptions) -> list[dict]:
     store = ResultsStore(opts.results)
     store.check_writable()
     env = environment(opts.device, opts.threads)  # the code as it is when the run starts
-    ops = opts.ops if opts.ops is not None else method.default_ops
     val = datasets.open_dataset(opts.dataset, spec.preset.val_split, opts.data_root)
+    ops = operating_points(opts, method, spec, val)
+    groups = checkpoint_groups(method, ops)
+    if len(groups) > 1:  # one checkpoint per group (shallow's depths): a run each, the baseline alongside
+        return [record for group in groups for record in run(replace(opts, ops=group))]
 
     base_cfg = train_config(opts, spec)
     base_model, base_payload = train_checkpoint(opts, base_cfg)
     if method.fine_tune is not None:
-        trained, payload = fine_tune(opts, method, spec, base_cfg, base_model, base_payload)
+        trained, payload = fine_tune(opts, method, spec, base_cfg, base_model, base_payload, ops[0] if ops else None)
     else:
         trained, payload = base_model, base_payload
     model = getattr(trained, "segmenter", trained)  # what the protocol runs
@@ -280,18 +379,26 @@ def run(opts: RunOptions) -> list[dict]:
     base_eval = evaluate(base_model, base_policy, val, settings, FlopModel(base_model, base_policy), **common)
     evals = [evaluate(model, policy, val, settings, FlopModel(model, policy), scale=scale, **common)
              for _, policy, scale in policies]
+    control = None  # fine-tuned methods are also compared with the equal-budget control
+    if method.name == CONTROL:
+        control = {"checkpoint": checkpoint, "miou": evals[0]["miou"]}
+    elif method.fine_tune is not None:
+        control = control_reference(opts, spec, base_cfg, base_model, base_payload, lambda m: evaluate(
+            m, base_policy, val, settings, FlopModel(m, base_policy), **common))
     if not distributed.is_main():  # timing is one process's job: wait for rank 0 to time and write
         distributed.barrier()
         return []
 
-    timing = [val[i][0] for i in range(min(opts.timing_images, len(val)))]
+    items = [val[i] for i in range(min(opts.timing_images, len(val)))]
+    timing, timing_labels = [image for image, _ in items], [label for _, label in items]
     if len({t.shape for t in timing}) == 1:  # else a list: images of different sizes (ADE20K)
-        timing = torch.stack(timing)
+        timing, timing_labels = torch.stack(timing), torch.stack(timing_labels)
     runs = {"baseline": (base_model, base_policy, 1.0)}
     runs.update({f"op{i}": (model, policy, scale) for i, (_, policy, scale) in enumerate(policies)})
     speeds = {}
     for bs in sorted({1, opts.batch_size}):
-        speeds[bs] = time_methods(runs, timing, settings, batch_size=bs, warmup=opts.warmup, repeats=opts.repeats)
+        speeds[bs] = time_methods(runs, timing, settings, batch_size=bs, warmup=opts.warmup, repeats=opts.repeats,
+                                  labels=timing_labels)
 
     records = []
     for i, ((knobs, policy, scale), point, result) in enumerate(zip(policies, points, evals)):
@@ -305,6 +412,7 @@ def run(opts: RunOptions) -> list[dict]:
             "miou": result["miou"],
             "miou_delta": result["miou"] - base_eval["miou"],
             "baseline_miou": base_eval["miou"],
+            **control_fields(result["miou"], control),
             "per_class_iou": dict(zip(spec.classes, result["per_class_iou"])),
             "gflops": result["gflops"],
             "gflops_ratio": result["gflops"]["mean"] / base_eval["gflops"]["mean"],

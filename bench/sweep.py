@@ -1,7 +1,8 @@
 """`bench sweep`: many (method, dataset) rows as jobs, through submitit.
 
-One job per dataset trains the baseline checkpoint when it is missing; then one job per
-method and dataset runs ``bench.runner.run`` (which fine-tunes the method's own
+One job per dataset trains the baseline checkpoint when it is missing (and, when a
+method of the sweep fine-tunes, the equal-budget control ``baseline-ft`` that every
+fine-tuned method is compared with); then one job per method and dataset runs ``bench.runner.run`` (which fine-tunes the method's own
 checkpoint if it needs one, and measures the baseline in the same process). Method jobs
 start only once their dataset's baseline exists, so no two jobs ever train the same
 checkpoint: on Slurm they depend on the baseline job (``afterok``); locally the jobs run
@@ -24,14 +25,16 @@ import submitit
 
 from bench import datasets, distributed
 from bench.errors import BenchError
-from bench.runner import (RunOptions, get_method, pending_ops, run, stored_checkpoint, train_checkpoint,
-                          train_config)
+from bench.runner import (RunOptions, fine_tune_config, get_method, pending_ops, run, stored_checkpoint,
+                          train_config, train_method)
+from methods import CONTROL
 
 CLUSTERS = ("local", "slurm")
 
 
 class SweepJob(submitit.helpers.Checkpointable):
-    """What one job runs: ``kind`` "train" (the dataset's baseline checkpoint) or "run"
+    """What one job runs: ``kind`` "train" (the dataset's baseline checkpoint, and the
+    control's when ``opts.method`` is it) or "run"
     (one method on one dataset). On preemption or timeout submitit pickles it again
     and requeues it (``Checkpointable``): it resumes from the stored state."""
 
@@ -43,8 +46,7 @@ class SweepJob(submitit.helpers.Checkpointable):
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
         try:
             if self.kind == "train":
-                spec = datasets.get_spec(self.opts.dataset, self.opts.data_root)
-                _, payload = train_checkpoint(self.opts, train_config(self.opts, spec))
+                payload = train_method(self.opts)[-1]
                 return {"weights": payload["weights"], "step": payload["step"]}
             return [{"method": r["method"], "knobs": r["knobs"]} for r in run(self.opts)]
         finally:
@@ -146,12 +148,18 @@ def sweep(base: RunOptions, methods: list[str], dataset_names: list[str], ops: O
             pending.append((job, report))
         return job
 
+    # method jobs that fine-tune also need the control: trained once, before them
+    control = CONTROL if any(get_method(m).fine_tune is not None for m in methods) else None
     for name in dataset_names:
         opts = replace(base, dataset=name)
         spec = datasets.get_spec(name, base.data_root)
         first = None
-        if stored_checkpoint(opts, train_config(opts, spec)) is None:
-            first = submit("train", replace(opts, method="baseline"), JobReport(name, "baseline checkpoint"))
+        base_cfg = train_config(opts, spec)
+        trained = stored_checkpoint(opts, base_cfg)
+        if trained is not None and control is not None:
+            trained = stored_checkpoint(opts, fine_tune_config(get_method(control), base_cfg, trained["weights"]))
+        if trained is None:
+            first = submit("train", replace(opts, method=control or "baseline"), JobReport(name, "baseline checkpoint"))
             if first is not None and cluster == "local" and reports[-1].state != "done":
                 for m in methods:  # their baseline is missing: running them would train it again
                     reports.append(JobReport(name, m, state="skipped", message="the baseline checkpoint job failed"))

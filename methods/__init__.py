@@ -9,8 +9,10 @@ import sys
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from methods import early_exit, paumer, tome
+from methods import early_exit, paumer, references, tome
 from methods.encoder import Policy
+
+CONTROL = "baseline-ft"  # the equal-budget reference every fine-tuned method is also compared with
 
 
 @dataclass(frozen=True)
@@ -18,11 +20,15 @@ class FineTune:
     """How a method fine-tunes from the baseline checkpoint. Every method that trains
     gets the same budget: half the baseline's steps at half its learning rate."""
 
-    build: Callable  # (baseline Segmenter, **knobs) -> trainable module holding it as `.segmenter`
+    build: Callable  # (baseline Segmenter, **knobs) -> trainable module: it, or one holding it as `.segmenter`
     loss: Callable  # (trainable, images, labels, **knobs) -> scalar loss
     knobs: dict = field(default_factory=dict)  # training knobs (part of the checkpoint's config hash)
     steps_fraction: float = 0.5
     lr_factor: float = 0.5
+    # operating-point knobs that are training knobs too (shallow's depth): one checkpoint per value
+    op_knobs: tuple = ()
+    # (training knobs, baseline depth) -> another method whose checkpoint this one is, or None
+    same_as: Optional[Callable[[dict, int], Optional[str]]] = None
 
 
 @dataclass(frozen=True)
@@ -36,6 +42,13 @@ class MethodSpec:
     fine_tune: Optional[FineTune] = None  # None: the method runs on the baseline's weights
     map_ops: list = field(default_factory=list)  # operating points drawn in the compute-map figure
     swept: str = ""  # the knob a sweep varies; the others name a variant (a line of its own in plots)
+    # (encoder depth, tokens per forward) -> the default sweep, for methods whose sweep depends
+    # on the model or the input; `default_ops` is then its value for `tiny` on 128x128 (6, 256)
+    default_ops_for: Optional[Callable[[int, int], list[dict]]] = None
+
+    def sweep(self, depth: int, tokens: int) -> list[dict]:
+        """The default operating points for a ``depth``-block model on ``tokens`` tokens."""
+        return self.default_ops_for(depth, tokens) if self.default_ops_for else list(self.default_ops)
 
 
 def _baseline(model=None) -> Policy:
@@ -54,8 +67,15 @@ def _paumer(trained, tau=0.1, criterion="entropy", layers=None, batching="pad") 
     return paumer.PaumerPolicy(trained.pausing, tau=tau, criterion=criterion, layers=layers, batching=batching)
 
 
-def _tome(model, r=0, schedule="constant") -> Policy:
-    return tome.ToMePolicy(getattr(model, "segmenter", model).depth, r=r, schedule=schedule)
+def _shallow(trained, depth=None) -> Policy:
+    blocks = getattr(trained, "depth", None)
+    if depth != blocks:
+        raise ValueError(f"depth={depth!r} needs its own checkpoint (this one has {blocks} blocks)")
+    return Policy()
+
+
+def _tome(model, r=0, schedule="constant", unmerge="after") -> Policy:
+    return tome.ToMePolicy(getattr(model, "segmenter", model).depth, r=r, schedule=schedule, unmerge=unmerge)
 
 
 def _early_exit(trained, threshold=0.9, mode="token", batching="pad") -> Policy:
@@ -66,14 +86,31 @@ def _early_exit(trained, threshold=0.9, mode="token", batching="pad") -> Policy:
 
 METHODS: dict[str, MethodSpec] = {
     "baseline": MethodSpec("baseline", "Segmenter, every token through every block", _baseline, [{}]),
+    CONTROL: MethodSpec(
+        CONTROL, "the baseline trained on for the fine-tune budget with its own loss (equal-budget control)",
+        _baseline, [{}],
+        fine_tune=FineTune(build=lambda seg, **_: seg, loss=references.segmentation_loss),
+    ),
+    "shallow": MethodSpec(
+        "shallow", "the baseline's first `depth` blocks + decoder, fine-tuned with the same budget", _shallow,
+        [{"depth": d} for d in references.default_depths(6)],
+        knob_types={"depth": int},
+        fine_tune=FineTune(
+            build=lambda seg, depth=None, **_: references.truncate(seg, depth),
+            loss=references.segmentation_loss, op_knobs=("depth",),
+            same_as=lambda knobs, full_depth: CONTROL if knobs.get("depth") == full_depth else None,
+        ),
+        swept="depth", default_ops_for=lambda depth, tokens: [{"depth": d} for d in references.default_depths(depth)],
+    ),
     "static": MethodSpec(
         "static", "the baseline on a downscaled input (prediction upsampled back)", _static,
-        [{"scale": s} for s in (1.0, 0.875, 0.75, 0.625, 0.5)],
+        [{"scale": s} for s in (1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25)],
         knob_types={"scale": float}, input_scale=lambda knobs: float(knobs.get("scale", 1.0)), swept="scale",
     ),
     "paumer": MethodSpec(
         "paumer", "patches with a confident intermediate prediction pause (skip later blocks)", _paumer,
-        [{"tau": t} for t in (0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5)],
+        # up to tau = 1: every patch pauses at the first pausing layer
+        [{"tau": t} for t in (0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)],
         knob_types={"tau": float, "criterion": str, "layers": [int], "batching": str},
         fine_tune=FineTune(
             build=lambda seg, layers=None, **_: paumer.PaumerModel(seg, layers),
@@ -84,15 +121,18 @@ METHODS: dict[str, MethodSpec] = {
         map_ops=[{"tau": 0.1}, {"tau": 0.3}], swept="tau",
     ),
     "tome": MethodSpec(
-        "tome", "token merging (bipartite soft matching) in every block, unmerged before the decoder", _tome,
-        # r merged per block; 36 is the largest constant r for `tiny` on 128x128 (256 tokens, 6 blocks)
-        [{"r": r} for r in (0, 8, 16, 24, 32, 36)],
-        knob_types={"r": int, "schedule": str}, swept="r",
+        "tome", "token merging (bipartite soft matching) in every block, unmerged after the decoder", _tome,
+        # r merged per block, up to the largest r each schedule allows for the input's token count
+        tome.default_ops(256, 6),
+        knob_types={"r": int, "schedule": str, "unmerge": str}, swept="r",
+        default_ops_for=lambda depth, tokens: tome.default_ops(tokens, depth),
     ),
     "early-exit": MethodSpec(
         "early-exit", "confident tokens (mode=token) or images (mode=image) exit with an intermediate head's label",
         _early_exit,
-        [{"mode": m, "threshold": t} for m in early_exit.MODES for t in (1.0, 0.99, 0.97, 0.95, 0.9, 0.8)],
+        # down to threshold 0: every token (image) exits at the first head
+        [{"mode": m, "threshold": t} for m in early_exit.MODES
+         for t in (1.0, 0.99, 0.97, 0.95, 0.9, 0.8, 0.7, 0.5, 0.3, 0.0)],
         knob_types={"threshold": float, "mode": str, "batching": str},
         fine_tune=FineTune(
             build=lambda seg, layers=None, **_: early_exit.EarlyExitModel(seg, layers),

@@ -38,6 +38,7 @@ class ComputeTrace:
     tokens: Tensor
     items: list[tuple[tuple, Tensor]] = field(default_factory=list)
     decoded: Optional[Tensor] = None  # (B,) bool: images the decoder ran for; None: all
+    decoder_rows: Optional[Tensor] = None  # (B,) rows the decoder ran on (merged rows); None: the full grid
 
     def add(self, key: tuple, counts: Tensor) -> None:
         self.items.append((key, counts.detach().to("cpu", torch.long)))
@@ -148,6 +149,9 @@ class Policy:
 
     name = "baseline"
     batching = "pad"  # or "packed": how blocks run on batches with ragged token counts
+    # "before": the decoder runs on the full grid (``TokenState.to_grid``); "after": on the
+    # active rows, each grid position taking its row's logits (merging policies only)
+    unmerge = "before"
 
     def start(self, model, state: TokenState) -> None:
         """Called once after the patch embedding, before block 0."""

@@ -149,11 +149,15 @@ class PaumerPolicy(Policy):
         return {"tau": self.taus, "layers": self.layers, "criterion": self.criterion}
 
     # --- the pausing decision -------------------------------------------------------
-    def _pause(self, logits: Tensor, tau: float, rows: Optional[Tensor], state: TokenState) -> Tensor:
-        """Boolean (B, n): which of the given tokens pause at this layer."""
+    def _pause(self, logits: Tensor, tau: float, rows: Optional[Tensor], candidates: Optional[Tensor]) -> Tensor:
+        """Boolean (B, n): which of the given tokens pause at this layer. ``candidates``
+        (B, n): the rows that are tokens still running (None: all); padded rows (a ragged
+        batch) and tokens already paused (training) neither pause nor count."""
         pause = pause_scores(logits, self.criterion) < tau
+        if candidates is not None:
+            pause &= candidates
         if self.criterion == "random":
-            pause = self._random_like(pause)
+            pause = self._random_like(pause, candidates)
         elif self.criterion == "oracle":
             if self.targets is None:
                 raise ValueError("the oracle criterion needs labels (evaluation only)")
@@ -161,11 +165,13 @@ class PaumerPolicy(Policy):
             pause &= logits.argmax(-1) == target
         return pause
 
-    def _random_like(self, pause: Tensor) -> Tensor:
-        """As many pauses per image as ``pause`` has, at random positions."""
+    def _random_like(self, pause: Tensor, candidates: Optional[Tensor]) -> Tensor:
+        """As many pauses per image as ``pause`` has, at random candidate positions."""
         g = torch.Generator(device="cpu").manual_seed(self.seed)
         self.seed += 1
         noise = torch.rand(pause.shape, generator=g).to(pause.device)
+        if candidates is not None:
+            noise = noise.masked_fill(~candidates, 2.0)  # ranked after every candidate: never chosen
         ranks = noise.argsort(1).argsort(1)
         return ranks < pause.sum(1, keepdim=True)
 
@@ -199,20 +205,18 @@ class PaumerPolicy(Policy):
             return
         head = self.heads.head_at(index + 1)
         tau = self.taus[self.layers.index(index + 1)]
+        if tau <= 0.0 and not self.simulate:
+            return  # no score is below 0: nothing can pause, so the head is not run (nor priced)
         logits = head(state.x)
         state.trace.add(("head",), state.counts() if not self.simulate else self.active.sum(1))
         if self.simulate:
             self.head_logits.append(logits)
-            pause = self._pause(logits.detach(), tau, None, state) & self.active
+            pause = self._pause(logits.detach(), tau, None, self.active)
             state.left_at[pause] = index + 1
             self.active = self.active & ~pause
             return
-        if tau <= 0.0:
-            return  # nothing can score below 0: skip the gather, as the baseline would
         rows = self._rows_grid_position(state) if self.criterion == "oracle" else None
-        pause = self._pause(logits, tau, rows, state)
-        if state.valid is not None:
-            pause &= state.valid
+        pause = self._pause(logits, tau, rows, state.valid)
         if pause.any():
             state.keep(~pause, layer=index + 1)
 

@@ -65,8 +65,8 @@ class LinearDecoder(nn.Module):
         super().__init__()
         self.head = nn.Linear(dim, num_classes)
 
-    def forward(self, x: Tensor) -> Tensor:  # (B, N, D) -> (B, N, C)
-        return self.head(x)
+    def forward(self, x: Tensor, size: Optional[Tensor] = None) -> Tensor:  # (B, N, D) -> (B, N, C)
+        return self.head(x)  # per token: a row's size changes nothing
 
 
 class MaskTransformer(nn.Module):
@@ -91,11 +91,18 @@ class MaskTransformer(nn.Module):
         self.mask_norm = nn.LayerNorm(num_classes)
         trunc_normal_(self.cls_emb, std=0.02)
 
-    def forward(self, x: Tensor) -> Tensor:  # (B, N, D) -> (B, N, C)
+    def forward(self, x: Tensor, size: Optional[Tensor] = None) -> Tensor:  # (B, N, D) -> (B, N, C)
+        """``size`` (B, N): how many patches each row stands for (merged tokens); attention
+        is then proportional (log size added to the keys' logits), so a row weighs as that
+        many copies of it would."""
         x = self.proj_dec(x)
         x = torch.cat([x, self.cls_emb.expand(x.shape[0], -1, -1)], dim=1)
+        mask = None
+        if size is not None:
+            mask = torch.cat([size.log(), size.new_zeros(size.shape[0], self.num_classes)], 1)
+            mask = mask.to(x.dtype)[:, None, None, :]
         for block in self.blocks:
-            x = block(x)
+            x = block(x, attn_mask=mask)
         x = self.decoder_norm(x)
         patches, classes = x[:, : -self.num_classes], x[:, -self.num_classes :]
         patches = F.normalize(patches @ self.proj_patch, dim=-1)
@@ -149,7 +156,20 @@ class Segmenter(nn.Module):
 
     def decode(self, tokens: Tensor, grid: tuple[int, int], out_size: tuple[int, int]) -> Tensor:
         """Full token grid (B, N, D) -> logits (B, C, H, W)."""
-        logits = self.decoder(self.norm(tokens))
+        return self._to_pixels(self.decoder(self.norm(tokens)), grid, out_size)
+
+    def decode_rows(self, rows: Tensor, size: Optional[Tensor], source: Tensor, grid: tuple[int, int],
+                    out_size: tuple[int, int]) -> Tensor:
+        """Merged rows (B, n, D), row i of image b standing for ``size[b, i]`` patches (None:
+        one each) -> logits (B, C, H, W). The decoder runs on the rows, then every grid
+        position takes its row's logits (``source`` (B, N): the row of each position). The
+        same output as decoding the unmerged grid, on n rows instead of N."""
+        logits = self.decoder(self.norm(rows), size)
+        logits = logits.gather(1, source[..., None].expand(-1, -1, logits.shape[-1]))
+        return self._to_pixels(logits, grid, out_size)
+
+    def _to_pixels(self, logits: Tensor, grid: tuple[int, int], out_size: tuple[int, int]) -> Tensor:
+        """Per-patch logits (B, N, C) -> upsampled logits (B, C, H, W)."""
         B = logits.shape[0]
         logits = logits.transpose(1, 2).reshape(B, self.num_classes, *grid)
         return F.interpolate(logits, size=out_size, mode="bilinear", align_corners=False)
@@ -159,13 +179,19 @@ class Segmenter(nn.Module):
         policy = policy or Policy()
         tokens, grid = self.embed(images)
         state = run_encoder(self.blocks, tokens, grid, policy, model=self)
-        tokens, decode = state.to_grid(), policy.decodes(state)
-        if decode is None:
-            logits = self.decode(tokens, grid, images.shape[-2:])
+        decode, out_size = policy.decodes(state), images.shape[-2:]
+        if policy.unmerge == "after" and decode is None:  # decode the merged rows, then unmerge
+            if (state.source < 0).any() or state.valid is not None:
+                raise ValueError("unmerge='after' needs every grid position in an active row of an unpadded batch")
+            logits = self.decode_rows(state.x, state.size, state.source, grid, out_size)
+            state.trace.decoder_rows = state.counts()
+        elif decode is None:
+            logits = self.decode(state.to_grid(), grid, out_size)
         else:
-            logits = tokens.new_zeros(tokens.shape[0], self.num_classes, *images.shape[-2:])
+            tokens = state.to_grid()
+            logits = tokens.new_zeros(tokens.shape[0], self.num_classes, *out_size)
             if decode.any():
-                logits[decode] = self.decode(tokens[decode], grid, images.shape[-2:])
+                logits[decode] = self.decode(tokens[decode], grid, out_size)
             state.trace.decoded = decode.cpu()
         return policy.finish(logits, state), state
 

@@ -9,8 +9,14 @@ In every block, between attention and MLP, ``r`` tokens merge into others:
    a row's *size* is how many patches it stands for).
 
 Attention is *proportional*: log(size) of each key is added to the logits, so a row of
-size s weighs as s identical tokens would. Before the decoder every grid position gets
-back the row its patch was merged into (``TokenState.to_grid`` through ``source``).
+size s weighs as s identical tokens would. ``unmerge`` says where the merged rows go
+back to their grid positions: ``after`` (default) runs the decoder on the merged rows,
+attention in the mask decoder proportional too, and every grid position takes its row's
+logits (``Segmenter.decode_rows``, as ALGM does with Segmenter's mask decoder);
+``before`` gives every grid position its row's token first (``TokenState.to_grid``
+through ``source``) and decodes the full grid. A patch's copies are identical tokens and
+proportional attention weighs a row as its copies, so the two give the same output (up
+to float rounding) and ``after`` is cheaper: the decoder runs on the merged count.
 Training-free: it runs on the baseline's weights. Every image of a batch merges the same
 ``r`` per block, so shapes stay fixed and no padding is needed.
 
@@ -29,6 +35,39 @@ from torch import Tensor, nn
 from methods.encoder import Policy, TokenState
 
 SCHEDULES = ("constant", "decreasing")
+UNMERGE = ("before", "after")
+
+
+def max_r(tokens: int, depth: int, schedule: str = "constant") -> int:
+    """The largest r that ``schedule`` allows on ``tokens`` tokens through ``depth`` blocks
+    (no block may merge more than half of its tokens). Constant: tokens // (depth + 1),
+    from the last block's r <= (tokens - (depth - 1) r) / 2."""
+    if schedule == "constant":
+        return tokens // (depth + 1)
+    best = 0
+    for r in range(1, tokens // 2 + 1):
+        try:
+            tokens_per_block(tokens, r_schedule(r, depth, schedule))
+        except ValueError:
+            break
+        best = r
+    return best
+
+
+def default_rs(tokens: int, depth: int, schedule: str = "constant") -> list[int]:
+    """The default sweep of r for ``tokens`` tokens per forward through ``depth`` blocks:
+    0 up to the largest r the schedule allows, so that the FLOPs range does not depend on
+    the input size (256 tokens, 6 blocks, constant: 0, 9, 18, 27, 32, 36)."""
+    top = max_r(tokens, depth, schedule)
+    return sorted({round(top * f) for f in (0.0, 0.25, 0.5, 0.75, 0.9, 1.0)})
+
+
+def default_ops(tokens: int, depth: int) -> list[dict]:
+    """ToMe's default operating points: constant r, then ToMe's decreasing schedule, which
+    merges early and reaches lower FLOPs (256 tokens, 6 blocks: about 0.55 and 0.33 of
+    the full model's at the largest r)."""
+    return ([{"r": r} for r in default_rs(tokens, depth)]
+            + [{"r": r, "schedule": "decreasing"} for r in default_rs(tokens, depth, "decreasing") if r > 0])
 
 
 def r_schedule(r: Union[int, Sequence[int]], depth: int, schedule: str = "constant") -> list[int]:
@@ -172,12 +211,14 @@ class ToMePolicy(Policy):
     name = "tome"
 
     def __init__(self, depth: int, r: Union[int, Sequence[int]] = 0, schedule: str = "constant",
-                 prop_attn: bool = True):
+                 prop_attn: bool = True, unmerge: str = "after"):
+        if unmerge not in UNMERGE:
+            raise ValueError(f"unknown unmerge {unmerge!r}; expected 'before' or 'after' (the decoder)")
         self.rs = r_schedule(r, depth, schedule)
-        self.r, self.schedule, self.prop_attn = r, schedule, prop_attn
+        self.r, self.schedule, self.prop_attn, self.unmerge = r, schedule, prop_attn, unmerge
 
     def describe(self) -> dict:
-        return {"r": self.r, "schedule": self.schedule, "r_per_block": self.rs}
+        return {"r": self.r, "schedule": self.schedule, "r_per_block": self.rs, "unmerge": self.unmerge}
 
     def start(self, model, state: TokenState) -> None:
         if state.valid is not None:

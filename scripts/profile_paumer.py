@@ -11,8 +11,8 @@ import time
 import torch
 
 from bench import datasets
-from bench.runner import RunOptions, checkpoint_path, new_model, train_config
-from bench.train import load_checkpoint, normalize
+from bench.runner import RunOptions, checkpoint_path, fine_tune_config, new_model, stored_checkpoint, train_config
+from bench.train import normalize
 from methods import METHODS
 from methods.encoder import Policy, run_encoder
 
@@ -30,18 +30,32 @@ def stages(model, policy, x):
     return [1e3 * (b - a) for a, b in zip(t, t[1:])], state.trace.tokens.float().mean().item()
 
 
+def checkpoints(opts: RunOptions, spec) -> tuple:
+    """(baseline config, baseline payload, PAUMER payload): the PAUMER checkpoint is the
+    one fine-tuned from this baseline with the run's fine-tune configuration, the one
+    `bench run --method paumer` uses (not whichever paumer-*.pt sorts last)."""
+    base_cfg = train_config(opts, spec)
+    base = stored_checkpoint(opts, base_cfg)
+    if base is None:
+        sys.exit(f"no trained baseline at {checkpoint_path(opts, base_cfg)}: run `bench train` first")
+    cfg = fine_tune_config(METHODS["paumer"], base_cfg, base["weights"])
+    paumer = stored_checkpoint(opts, cfg)
+    if paumer is None:
+        sys.exit(f"no trained PAUMER checkpoint at {checkpoint_path(opts, cfg)}: run `bench train --method paumer` first")
+    return base_cfg, base, paumer
+
+
 @torch.inference_mode()
 def main(taus):
     torch.set_num_threads(2)
     opts = RunOptions()
     spec = datasets.get_spec("synthetic")
-    base_cfg = train_config(opts, spec)
+    base_cfg, base_payload, paumer_payload = checkpoints(opts, spec)
     base = new_model(base_cfg)
-    base.load_state_dict(load_checkpoint(checkpoint_path(opts, base_cfg))["model"])
-    paumer_ckpts = sorted(checkpoint_path(opts, base_cfg).parent.glob("paumer-*.pt"))
+    base.load_state_dict(base_payload["model"])
     spec_m = METHODS["paumer"]
     trained = spec_m.fine_tune.build(new_model(base_cfg))
-    trained.load_state_dict(load_checkpoint(paumer_ckpts[-1])["model"])
+    trained.load_state_dict(paumer_payload["model"])
     val = datasets.open_dataset("synthetic", "val")
     images = [normalize(val[i][0][None]) for i in range(32)]
     runs = [("baseline", base, Policy())] + [(f"paumer tau={t}", trained.segmenter, spec_m.make_policy(trained, tau=t))

@@ -1,6 +1,11 @@
+import time
+
+import pytest
 import torch
 from torch import nn
 
+from bench import protocol
+from bench.errors import BenchError
 from bench.protocol import EvalSettings, evaluate, predict, speed_entry, time_methods, window_starts
 from methods.encoder import Policy, TokenState
 
@@ -104,3 +109,60 @@ def test_timing_synchronises_the_device_it_runs_on(monkeypatch):
     protocol._sync("cuda:1")
     protocol._sync("cpu")
     assert calls == [torch.device("cuda:1")]  # not the current device (cuda:0)
+
+
+class Logging(Policy):
+    """The full model; logs its name each time a forward starts."""
+
+    def __init__(self, name, log):
+        self.run_name, self.log = name, log
+
+    def start(self, model, state):
+        self.log.append(self.run_name)
+
+
+def test_timing_interleaves_methods_repeat_by_repeat_and_synchronises_before_reading_the_clock(
+        small_model, monkeypatch):
+    log = []
+    clock = time.perf_counter
+    monkeypatch.setattr(protocol, "_sync", lambda *args, **kwargs: log.append("sync"))
+    monkeypatch.setattr(protocol.time, "perf_counter", lambda: log.append("clock") or clock())
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    runs = {name: (small_model, Logging(name, log), 1.0) for name in ("a", "b")}
+    time_methods(runs, images, EvalSettings("whole"), batch_size=2, warmup=1, repeats=2)
+    monkeypatch.undo()
+
+    def one_pass(name):  # idle device, clock; each of the 2 forwards ends in a sync before the clock
+        return ["sync", "clock"] + ["clock", name, "sync"] * 2 + ["clock"]
+
+    assert log == (one_pass("a") + one_pass("b")) * 3  # a, b in every repeat (1 warm-up + 2)
+
+
+class NeedsLabels(Policy):
+    """Like the oracle criterion: needs the labels of the images it segments."""
+
+    needs_labels = True
+
+    def __init__(self):
+        self.pixel_labels, self.seen = None, []
+
+    def start(self, model, state):
+        assert self.pixel_labels.shape[0] == state.batch_size
+        self.seen.append(self.pixel_labels.clone())
+
+
+@pytest.mark.parametrize("sizes", [[32, 32, 32, 32], [32, 32, 48, 48, 48]])
+def test_timing_gives_a_labelled_policy_the_labels_of_the_images_it_times(small_model, sizes):
+    images = [torch.full((3, 32, w), i, dtype=torch.uint8) for i, w in enumerate(sizes)]
+    labels = [torch.full((32, w), i) for i, w in enumerate(sizes)]
+    if len(set(sizes)) == 1:
+        images, labels = torch.stack(images), torch.stack(labels)
+    policy = NeedsLabels()
+    runs = {"oracle": (small_model, policy, 1.0), "baseline": (small_model, Policy(), 1.0)}
+    time_methods(runs, images, EvalSettings("whole"), batch_size=2, warmup=1, repeats=1, labels=labels)
+    chunks = [[0, 1], [2, 3]] if len(set(sizes)) == 1 else [[0, 1], [2, 3], [4]]
+    expected = [torch.stack([torch.full((32, sizes[i]), i) for i in chunk]) for chunk in chunks] * 2
+    assert len(policy.seen) == len(expected)
+    assert all(torch.equal(a, b) for a, b in zip(policy.seen, expected))
+    with pytest.raises(BenchError, match="oracle needs the timing images' labels"):
+        time_methods(runs, images, EvalSettings("whole"), batch_size=2, warmup=0, repeats=1)
