@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench.fileio import atomic_write
 from bench.protocol import EvalSettings, predict
 
 
@@ -52,7 +53,7 @@ def pause_maps(model, runs: list, dataset, indices: list[int], path: Path, *, pa
     for suffix in (".png", ".svg"):
         # fixed ids and no date: the same maps give the same SVG bytes
         with plt.rc_context({"svg.hashsalt": "bench"}):
-            fig.savefig(path.with_suffix(suffix), dpi=150, bbox_inches="tight",
-                        metadata={"Date": None} if suffix == ".svg" else None)
+            atomic_write(path.with_suffix(suffix), lambda f: fig.savefig(
+                f, format=suffix[1:], dpi=150, bbox_inches="tight", metadata={"Date": None} if suffix == ".svg" else None))
     plt.close(fig)
     return path.with_suffix(".png")

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from methods import early_exit, paumer, tome
-from methods.encoder import Policy
+from methods.encoder import BATCHINGS, Policy
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,8 @@ class MethodSpec:
     fine_tune: Optional[FineTune] = None  # None: the method runs on the baseline's weights
     map_ops: list = field(default_factory=list)  # operating points drawn in the compute-map figure
     swept: str = ""  # the knob a sweep varies; the others name a variant (a line of its own in plots)
+    knob_choices: dict = field(default_factory=dict)  # knob -> its allowed values, where they are a list
+    knob_help: dict = field(default_factory=dict)  # knob -> what it is and its range, for `bench methods`
 
 
 def _baseline(model=None) -> Policy:
@@ -66,6 +68,7 @@ METHODS: dict[str, MethodSpec] = {
         "static", "the baseline on a downscaled input (prediction upsampled back)", _static,
         [{"scale": s} for s in (1.0, 0.875, 0.75, 0.625, 0.5)],
         knob_types={"scale": float}, input_scale=lambda knobs: float(knobs.get("scale", 1.0)), swept="scale",
+        knob_help={"scale": "input scale, in (0, 4]"},
     ),
     "paumer": MethodSpec(
         "paumer", "patches with a confident intermediate prediction pause (skip later blocks)", _paumer,
@@ -78,12 +81,20 @@ METHODS: dict[str, MethodSpec] = {
             knobs={"tau_max": 0.5, "head_weight": 0.5},
         ),
         map_ops=[{"tau": 0.1}, {"tau": 0.3}], swept="tau",
+        knob_choices={"criterion": paumer.CRITERIA, "batching": BATCHINGS},
+        knob_help={"tau": "pause below this score, in [0, 1]; one value, or one per pausing layer",
+                   "criterion": "the score a patch pauses on (default entropy)",
+                   "layers": "pausing layers used, a subset of the trained ones (default all)",
+                   "batching": "how a ragged batch runs (default pad)"},
     ),
     "tome": MethodSpec(
         "tome", "token merging (bipartite soft matching) in every block, unmerged before the decoder", _tome,
         # r merged per block; 36 is the largest constant r for `tiny` on 128x128 (256 tokens, 6 blocks)
         [{"r": r} for r in (0, 8, 16, 24, 32, 36)],
         knob_types={"r": int, "schedule": str}, swept="r",
+        knob_choices={"schedule": tome.SCHEDULES},
+        knob_help={"r": "tokens merged per block, >= 0 and at most half the block's tokens",
+                   "schedule": "r in every block, or ToMe's decreasing schedule (default constant)"},
     ),
     "early-exit": MethodSpec(
         "early-exit", "confident tokens (mode=token) or images (mode=image) exit with an intermediate head's label",
@@ -97,5 +108,9 @@ METHODS: dict[str, MethodSpec] = {
             knobs={"head_weight": 0.5},
         ),
         map_ops=[{"mode": "token", "threshold": 0.95}, {"mode": "token", "threshold": 0.9}], swept="threshold",
+        knob_choices={"mode": early_exit.MODES, "batching": BATCHINGS},
+        knob_help={"threshold": "exit where the head's confidence is above this, in [0, 1]",
+                   "mode": "tokens exit one by one, or whole images (default token)",
+                   "batching": "how a ragged batch runs (default pad)"},
     ),
 }

@@ -91,7 +91,7 @@ def test_corrupt_checkpoint_is_one_line_error(capsys, tmp_path, toy):
 
 def test_unwritable_results_folder_is_one_line_error(capsys, tmp_path, toy):
     (tmp_path / "afile").write_text("x")
-    code, _, err = run_cli(capsys, "run", "--dataset", "toy", "--op", "", "--checkpoints", str(tmp_path / "ck"),
+    code, _, err = run_cli(capsys, "run", "--dataset", "toy", "--checkpoints", str(tmp_path / "ck"),
                            "--results", str(tmp_path / "afile" / "res"), "--quiet")
     assert_one_line_error(code, err, "afile")
 
