@@ -131,7 +131,16 @@ def load_reference(results: str = "results") -> list[dict]:
     path = reference_path(results)
     if not path.is_file():
         raise BenchError(f"no reference at {path}; run `bench check --update` to create it")
-    return ResultsStore(path.parent).load(DATASET)
+    records = ResultsStore(path.parent).load(DATASET)
+    if not records:
+        raise BenchError(f"the reference {path} holds no records; run `bench check --update` to create it")
+    stored = {_point(r) for r in records}
+    missing = [f"{method} {op_label(knobs)}" for method, ops in CHECK_SET for knobs in ops
+               if _point({"method": method, "knobs": knobs}) not in stored]
+    if missing:
+        raise BenchError(f"the reference {path} lacks point(s) of the check set: {', '.join(missing)}; "
+                         "run `bench check --update` to re-derive it")
+    return records
 
 
 def fresh_records(*, checkpoints: str = "checkpoints", threads: int = 2, device: str = "cpu",

@@ -8,11 +8,13 @@ import click
 from bench.errors import BenchError
 
 
-def common_options(f):
-    """Options every command that trains or evaluates shares."""
+def train_options(f):
+    """Options every command that trains shares."""
     options = [
         click.option("--dataset", default="synthetic", show_default=True, help="dataset name (see `bench datasets`)"),
         click.option("--data-root", default=None, help="dataset root (default: the dataset's environment variable or ./data)"),
+        click.option("--name", "dataset_name", default=None,
+                     help="folder datasets: the name its records, checkpoints and reports use (default: bench.json's)"),
         click.option("--model", default=None, help="model preset: tiny, vit_tiny, vit_small, vit_base (default: the dataset's)"),
         click.option("--decoder", type=click.Choice(["linear", "mask"]), default=None, help="decoder (default: the dataset's)"),
         click.option("--depth", type=click.IntRange(min=1), default=None, help="encoder blocks (default: the preset's)"),
@@ -20,16 +22,27 @@ def common_options(f):
         click.option("--steps", type=click.IntRange(min=1), default=None, help="training budget in steps (default: the dataset's)"),
         click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N"),
         click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True, help="torch CPU threads"),
-        click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
-                     help="batch for throughput (batch 1 is always measured too)"),
         click.option("--seed", type=int, default=0, show_default=True),
         click.option("--checkpoints", default="checkpoints", show_default=True, help="checkpoint folder"),
-        click.option("--results", default="results", show_default=True, help="results folder"),
         click.option("--quiet", is_flag=True, help="no progress bars"),
     ]
     for option in reversed(options):
         f = option(f)
     return f
+
+
+def common_options(f):
+    """Options every command that trains and evaluates shares."""
+    options = [
+        click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
+                     help="batch for throughput (batch 1 is always measured too)"),
+        click.option("--results", default="results", show_default=True, help="results folder"),
+        click.option("--dry-run", is_flag=True,
+                     help="say what would be trained (steps) and which operating points are pending; do nothing"),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return train_options(f)
 
 
 def measure_options(f):
@@ -48,13 +61,12 @@ def measure_options(f):
     return f
 
 
-def _require_device(device: str) -> None:
-    """A CUDA device asked for on a machine without one is a one-line error."""
-    if device.startswith("cuda"):
-        import torch
+def _require_device(device: str, here: bool = True) -> None:
+    """A device that is not cpu, cuda or cuda:N, or (``here``) that this machine lacks,
+    is a one-line error."""
+    from bench.runner import check_device
 
-        if not torch.cuda.is_available():
-            raise BenchError(f"--device {device}: CUDA is not available on this machine")
+    check_device(device, here=here)
 
 
 def _options(*, launch: bool = True, check_device: bool = True, **kw):
@@ -64,8 +76,7 @@ def _options(*, launch: bool = True, check_device: bool = True, **kw):
     from bench.runner import RunOptions
 
     kw["progress"] = not kw.pop("quiet", False)
-    if check_device:
-        _require_device(kw["device"])
+    _require_device(kw["device"], here=check_device)
     if launch:
         from bench import distributed
 
@@ -79,7 +90,17 @@ def _is_main() -> bool:
     return dist is None or dist.is_main()
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("bench")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 @click.group()
+@click.version_option(version=_version(), prog_name="bench", message="%(prog)s %(version)s")
 def cli():
     """Adaptive-compute semantic segmentation under one evaluation protocol."""
 
@@ -89,15 +110,19 @@ def cli():
 @click.option("--op", "ops", multiple=True, help="operating point, e.g. 'tau=0.2' (repeatable; default: the method's sweep)")
 @measure_options
 @common_options
-def run(method, ops, limit, replace, timing_images, repeats, **kw):
+def run(method, ops, limit, replace, timing_images, repeats, dry_run, **kw):
     """Train (or reuse) the checkpoints, evaluate the method's operating points and the
     baseline in one process, and append the records to the results folder.
     Under torchrun: training and evaluation are shared by the processes, timing is rank 0's."""
-    from bench.runner import get_method, parse_op, run as run_method
+    from bench.runner import describe_plan, get_method, parse_op, plan, run as run_method
 
     spec = get_method(method)
-    opts = _options(method=method, ops=[parse_op(spec, o) for o in ops] or None, limit=limit, replace=replace,
-                    timing_images=timing_images, repeats=repeats, **kw)
+    opts = _options(launch=not dry_run, method=method, ops=[parse_op(spec, o) for o in ops] or None, limit=limit,
+                    replace=replace, timing_images=timing_images, repeats=repeats, **kw)
+    if dry_run:
+        click.echo("dry run: nothing is trained, measured or written")
+        click.echo("\n".join(describe_plan(plan(opts))))
+        return
     records = run_method(opts)
     if not _is_main():
         return
@@ -108,12 +133,19 @@ def run(method, ops, limit, replace, timing_images, repeats, **kw):
                    f"({100 * r['miou_delta']:+.2f}{control})  GFLOPs {r['gflops']['mean']:7.3f} "
                    f"({100 * (r['gflops_ratio'] - 1):+.1f}%)  "
                    + "  ".join(f"b{b}: {s[b]['throughput']:7.1f} img/s x{s[b]['speedup']:.2f}" for b in s))
+    stored = f"{opts.results}/{records[0]['dataset'] if records else _dataset_name(opts)}.jsonl"
     if records:
-        click.echo(f"{len(records)} record(s) appended to {opts.results}/{opts.dataset}.jsonl")
+        click.echo(f"{len(records)} record(s) appended to {stored}")
     else:
-        click.echo(f"nothing to do: every operating point is already in {opts.results}/{opts.dataset}.jsonl "
+        click.echo(f"nothing to do: every operating point is already in {stored} "
                    "for this checkpoint, image count, device, precision, batch sizes and evaluation settings "
                    "(--replace measures them again)")
+
+
+def _dataset_name(opts) -> str:
+    from bench.runner import dataset_spec
+
+    return dataset_spec(opts).name
 
 
 def _knobs(knobs: dict) -> str:
@@ -124,14 +156,15 @@ def _knobs(knobs: dict) -> str:
 @click.option("--method", default="baseline", show_default=True, help="baseline, or a method that fine-tunes")
 @click.option("--op", "ops", multiple=True,
               help="operating point whose checkpoint to train, e.g. 'depth=2' for shallow (default: its sweep's)")
-@common_options
+@train_options
 def train(method, ops, **kw):
-    """Train a checkpoint (resumes if interrupted; reuses it if complete)."""
+    """Train a checkpoint (resumes if interrupted; reuses it if complete): the baseline's,
+    then the method's own if it fine-tunes (shallow: one per depth). Deterministic: the
+    same options give the same weights, interrupted or not."""
     from bench.runner import get_method, parse_op, train_method
 
     spec = get_method(method)
-    opts = _options(method=method, ops=[parse_op(spec, o) for o in ops] or None, **kw)
-    payloads = train_method(opts)
+    payloads = train_method(_options(method=method, ops=[parse_op(spec, o) for o in ops] or None, **kw))
     if _is_main():
         for payload in payloads:
             click.echo(f"checkpoint ready: {payload['config']['method']} weights {payload['weights']} "
@@ -160,7 +193,7 @@ def train(method, ops, **kw):
 @measure_options
 @common_options
 def sweep(methods, ops, cluster, folder, partition, gpus_per_node, cpus_per_task, mem_gb, time_min, slurm_params,
-          wait, limit, replace, timing_images, repeats, **kw):
+          wait, limit, replace, timing_images, repeats, dry_run, **kw):
     """Run several methods on one or more datasets (--dataset a,b) as submitit jobs:
     the baseline checkpoint of each dataset first, then one job per method and dataset.
     Resumable: run the same command again and only what is missing runs."""
@@ -188,7 +221,7 @@ def sweep(methods, ops, cluster, folder, partition, gpus_per_node, cpus_per_task
                     replace=replace, timing_images=timing_images, repeats=repeats, **kw)
     reports = run_sweep(base, names, dataset_names, by_method, cluster=cluster, folder=folder,
                         gpus_per_node=gpus_per_node, partition=partition, cpus_per_task=cpus_per_task, mem_gb=mem_gb,
-                        time_min=time_min, slurm_params=extra, wait=wait, echo=click.echo)
+                        time_min=time_min, slurm_params=extra, wait=wait, dry_run=dry_run, echo=click.echo)
     failed = [r for r in reports if r.state == "failed"]
     if failed:
         logs = ", ".join(str(r.stderr) for r in failed)
@@ -205,9 +238,12 @@ def sweep(methods, ops, cluster, folder, partition, gpus_per_node, cpus_per_task
 @click.option("--workers", type=click.IntRange(min=0), default=None,
               help="--speed: DataLoader workers (default: what training uses)")
 @click.option("--device", default="cpu", show_default=True, help="--speed: copy batches to this device (pinned memory on cuda)")
-def datasets_cmd(data_root, names, speed, batches, workers, device):
-    """Known datasets: where each is looked for, found or not, image counts per split,
-    and what is wrong with a tree that is malformed."""
+@click.option("--name", "dataset_name", default=None, help="folder datasets: the name to check (default: bench.json's)")
+def datasets_cmd(data_root, names, speed, batches, workers, device, dataset_name):
+    """Known datasets: where each is looked for (and why there: --data-root, its
+    environment variable or the default), found or not, image counts per split, and what
+    is wrong with a tree that is malformed. Exit code 2 when a dataset named with
+    --dataset is missing or malformed."""
     from bench import datasets
 
     for name in names:
@@ -215,18 +251,55 @@ def datasets_cmd(data_root, names, speed, batches, workers, device):
             datasets.get_spec(name)  # raises: unknown dataset
     if speed:
         _require_device(device)
+    unusable = []
     for name in names or datasets.DATASETS:
-        s = datasets.dataset_status(name, data_root)
+        named = dataset_name if datasets.DATASETS[name].resolve is not None else None
+        s = datasets.dataset_status(name, data_root, named)
         counts = ", ".join(f"{k} {v}" for k, v in s["splits"].items())
         state = "found" if s["found"] else "missing"
-        click.echo(f"{name:10s} {state:8s} {s['root']}  (${s['env']})  {counts}")
+        as_name = f"  as {s['as']!r}" if s["as"] not in (None, name) else ""
+        source = f"default, ${s['env']} not set" if s["source"] == "default" else s["source"]
+        click.echo(f"{name:10s} {state:8s} {s['root']}  ({source})  {counts}{as_name}")
         if s["problem"]:
             click.echo(f"{'':10s} {s['problem']}")
+        if not s["found"]:
+            unusable.append(name)
         if speed and s["found"]:
-            r = datasets.loader_speed(name, data_root, batches=batches, workers=workers, device=device)
+            r = datasets.loader_speed(name, data_root, batches=batches, workers=workers, device=device, as_name=named)
             click.echo(f"{'':10s} training loader: {r['images_per_s']:.1f} images/s ({r['images']} images in "
                        f"{r['batches']} batches of {r['batch_size']}, crops {r['crop_size']}, workers {r['workers']}, "
                        f"pin_memory={r['pin_memory']})")
+    asked = [n for n in unusable if n in names]
+    if asked:
+        raise BenchError(f"{', '.join(asked)}: missing or malformed (see above)")
+
+
+@cli.command(name="methods")
+def methods_cmd():
+    """The methods: what each does, whether it fine-tunes, its knobs (type, allowed
+    values) and its default sweep."""
+    from methods import all_methods
+
+    for m in all_methods().values():  # plugins' methods too
+        click.echo(f"{m.name}: {m.description}")
+        ft = m.fine_tune
+        if ft is None:
+            click.echo("  weights: the baseline's" if m.name != "baseline" else "  weights: trained (every other method starts from them)")
+        else:
+            knobs = f"; training knobs {_knobs(ft.knobs)}" if ft.knobs else ""
+            click.echo(f"  weights: fine-tuned from the baseline ({ft.steps_fraction:g} of its steps at "
+                       f"{ft.lr_factor:g} x its learning rate{knobs})")
+        for knob, kind in m.knob_types.items():
+            type_name = f"list of {kind[0].__name__}" if isinstance(kind, list) else kind.__name__
+            choices = m.knob_choices.get(knob)
+            allowed = f", one of: {', '.join(map(str, choices))}" if choices else ""
+            help_text = f": {m.knob_help[knob]}" if knob in m.knob_help else ""
+            click.echo(f"  knob {knob} ({type_name}{allowed}){help_text}")
+        if not m.knob_types:
+            click.echo("  knobs: none")
+        swept = f" (varies {m.swept})" if m.swept else ""
+        follows = " (for tiny on 128x128; it follows the model's depth and the input's tokens)" if m.default_ops_for else ""
+        click.echo(f"  default sweep{swept}{follows}: " + ", ".join(_knobs(k) for k in m.default_ops))
 
 
 @cli.command(name="report")

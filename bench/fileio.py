@@ -7,13 +7,30 @@ import tempfile
 from pathlib import Path
 from typing import BinaryIO, Callable
 
+from bench.errors import BenchError
+
 
 def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
     """Calls ``write(f)`` on a temporary file next to ``path``, fsyncs it and renames it
     over ``path``. A kill at any point leaves the previous file intact; the temporary
     name is unique, so two processes writing the same path cannot interleave their bytes
-    (the last complete one wins)."""
+    (the last complete one wins). A failed write (a full disk, a folder that cannot be
+    written) is a BenchError naming ``path``, and leaves no partial file."""
     path = Path(path)
+    try:
+        _write(path, write)
+    except OSError as e:
+        error = e
+    except RuntimeError as e:  # torch.save wraps the OSError of a failed write
+        if not isinstance(e.__context__, OSError):
+            raise
+        error = e.__context__
+    else:
+        return
+    raise BenchError(f"cannot write {path}: {error.strerror or error}") from None
+
+
+def _write(path: Path, write: Callable[[BinaryIO], None]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:

@@ -136,6 +136,15 @@ def image_batches(dataset, batch_size: int, limit: Optional[int] = None, indices
         yield batch
 
 
+def attach_labels(policy, labels: Tensor, settings: EvalSettings, scale: float) -> None:
+    """A policy that decides with the labels (the oracle criterion: evaluation only) gets
+    them; it supports whole-image evaluation at scale 1 only."""
+    if getattr(policy, "needs_labels", False):
+        if settings.mode != "whole" or scale != 1.0:
+            raise BenchError("the oracle criterion supports whole-image evaluation at scale 1 only")
+        policy.pixel_labels = labels.to(settings.device)
+
+
 @torch.inference_mode()
 def evaluate(model, policy, dataset, settings: EvalSettings, flop_model, *, num_classes: int,
              scale: float = 1.0, limit: Optional[int] = None, progress: bool = False,
@@ -157,10 +166,7 @@ def evaluate(model, policy, dataset, settings: EvalSettings, flop_model, *, num_
     for batch in image_batches(dataset, per_forward, indices=mine):
         images = torch.stack([b[0] for b in batch])
         labels = torch.stack([b[1] for b in batch])
-        if getattr(policy, "needs_labels", False):  # the oracle criterion: evaluation only
-            if settings.mode != "whole" or scale != 1.0:
-                raise BenchError("the oracle criterion supports whole-image evaluation at scale 1 only")
-            policy.pixel_labels = labels.to(settings.device)
+        attach_labels(policy, labels, settings, scale)
         pred = predict(model, policy, images, settings, scale=scale, flop_model=flop_model)
         cm.update(pred.logits.argmax(1).cpu(), labels)
         flops.append(pred.flops)

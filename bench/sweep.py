@@ -25,8 +25,8 @@ import submitit
 
 from bench import datasets, distributed
 from bench.errors import BenchError
-from bench.runner import (RunOptions, fine_tune_config, get_method, pending_ops, run, stored_checkpoint,
-                          train_config, train_method)
+from bench.runner import (RunOptions, dataset_spec, describe_plan, fine_tune_config, get_method, pending_ops, plan,
+                          run, stored_checkpoint, train_config, train_method, validate)
 from methods import CONTROL
 
 CLUSTERS = ("local", "slurm")
@@ -92,20 +92,36 @@ def sweep(base: RunOptions, methods: list[str], dataset_names: list[str], ops: O
           cluster: str = "local", folder: str = "sweeps", gpus_per_node: Optional[int] = None,
           partition: Optional[str] = None, cpus_per_task: Optional[int] = None, mem_gb: Optional[float] = None,
           time_min: int = 720, slurm_params: Optional[dict] = None, wait: Optional[bool] = None,
-          echo: Callable[[str], None] = print, job_class=SweepJob) -> list[JobReport]:
+          dry_run: bool = False, echo: Callable[[str], None] = print, job_class=SweepJob) -> list[JobReport]:
     """Runs (local) or submits (slurm) the jobs of a sweep; returns one report per job.
 
     ``base`` holds every run option but the method and dataset; ``ops`` maps a method to
     its operating points (knob dicts; a method not in it runs its default sweep).
     ``wait``: slurm only (local always waits), wait for the jobs and report how they ended.
+    Every job's options and operating points are checked (``bench.runner.validate``)
+    before anything is submitted; ``dry_run``: then say what would run, and stop.
     """
     if cluster not in CLUSTERS:
         raise BenchError(f"unknown cluster {cluster!r}; expected one of: {', '.join(CLUSTERS)}")
     for m in methods:
         get_method(m)
-    for d in dataset_names:
-        datasets.get_spec(d, base.data_root)
     ops = ops or {}
+
+    def options(dataset: str, method: str = "baseline") -> RunOptions:
+        named = dataset in datasets.DATASETS and datasets.DATASETS[dataset].resolve is not None
+        return replace(base, dataset=dataset, method=method, ops=ops.get(method),
+                       dataset_name=base.dataset_name if named else None)
+
+    here = cluster == "local"  # else the device is the cluster's
+    if dry_run:
+        plans = [plan(options(d, m), device_here=here) for d in dataset_names for m in methods]  # checks all first
+        for p in plans:
+            for line in describe_plan(p):
+                echo(line)
+        return []
+    for d in dataset_names:
+        for m in methods:
+            validate(options(d, m), device_here=here)
     wait = cluster == "local" or bool(wait)
     if gpus_per_node is None:
         gpus_per_node = 1 if base.device.startswith("cuda") else 0
@@ -151,8 +167,8 @@ def sweep(base: RunOptions, methods: list[str], dataset_names: list[str], ops: O
     # method jobs that fine-tune also need the control: trained once, before them
     control = CONTROL if any(get_method(m).fine_tune is not None for m in methods) else None
     for name in dataset_names:
-        opts = replace(base, dataset=name)
-        spec = datasets.get_spec(name, base.data_root)
+        opts = options(name)
+        spec = dataset_spec(opts)
         first = None
         base_cfg = train_config(opts, spec)
         trained = stored_checkpoint(opts, base_cfg)
@@ -166,7 +182,7 @@ def sweep(base: RunOptions, methods: list[str], dataset_names: list[str], ops: O
                     echo(f"[{name}] {m}: not run: the baseline checkpoint job failed")
                 continue
         for m in methods:
-            method_opts = replace(opts, method=m, ops=ops.get(m))
+            method_opts = options(name, m)
             todo = pending_ops(method_opts)
             if todo is not None and not todo:
                 reports.append(JobReport(name, m, state="skipped", message="every operating point is stored"))

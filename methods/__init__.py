@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from methods import early_exit, paumer, references, tome
-from methods.encoder import Policy
+from methods.encoder import BATCHINGS, Policy
 
 CONTROL = "baseline-ft"  # the equal-budget reference every fine-tuned method is also compared with
 
@@ -49,6 +49,8 @@ class MethodSpec:
     def sweep(self, depth: int, tokens: int) -> list[dict]:
         """The default operating points for a ``depth``-block model on ``tokens`` tokens."""
         return self.default_ops_for(depth, tokens) if self.default_ops_for else list(self.default_ops)
+    knob_choices: dict = field(default_factory=dict)  # knob -> its allowed values, where they are a list
+    knob_help: dict = field(default_factory=dict)  # knob -> what it is and its range, for `bench methods`
 
 
 def _baseline(model=None) -> Policy:
@@ -101,11 +103,13 @@ METHODS: dict[str, MethodSpec] = {
             same_as=lambda knobs, full_depth: CONTROL if knobs.get("depth") == full_depth else None,
         ),
         swept="depth", default_ops_for=lambda depth, tokens: [{"depth": d} for d in references.default_depths(depth)],
+        knob_help={"depth": "encoder blocks kept, from 1 to the baseline's depth (one checkpoint each)"},
     ),
     "static": MethodSpec(
         "static", "the baseline on a downscaled input (prediction upsampled back)", _static,
         [{"scale": s} for s in (1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25)],
         knob_types={"scale": float}, input_scale=lambda knobs: float(knobs.get("scale", 1.0)), swept="scale",
+        knob_help={"scale": "input scale, in (0, 4]"},
     ),
     "paumer": MethodSpec(
         "paumer", "patches with a confident intermediate prediction pause (skip later blocks)", _paumer,
@@ -119,6 +123,11 @@ METHODS: dict[str, MethodSpec] = {
             knobs={"tau_max": 0.5, "head_weight": 0.5},
         ),
         map_ops=[{"tau": 0.1}, {"tau": 0.3}], swept="tau",
+        knob_choices={"criterion": paumer.CRITERIA, "batching": BATCHINGS},
+        knob_help={"tau": "pause below this score, in [0, 1]; one value, or one per pausing layer",
+                   "criterion": "the score a patch pauses on (default entropy)",
+                   "layers": "pausing layers used, a subset of the trained ones (default all)",
+                   "batching": "how a ragged batch runs (default pad)"},
     ),
     "tome": MethodSpec(
         "tome", "token merging (bipartite soft matching) in every block, unmerged after the decoder", _tome,
@@ -126,6 +135,10 @@ METHODS: dict[str, MethodSpec] = {
         tome.default_ops(256, 6),
         knob_types={"r": int, "schedule": str, "unmerge": str}, swept="r",
         default_ops_for=lambda depth, tokens: tome.default_ops(tokens, depth),
+        knob_choices={"schedule": tome.SCHEDULES, "unmerge": tome.UNMERGE},
+        knob_help={"r": "tokens merged per block, >= 0 and at most half the block's tokens",
+                   "schedule": "r in every block, or ToMe's decreasing schedule (default constant)",
+                   "unmerge": "copy merged tokens back to their patches before or after the decoder (default after)"},
     ),
     "early-exit": MethodSpec(
         "early-exit", "confident tokens (mode=token) or images (mode=image) exit with an intermediate head's label",
@@ -141,6 +154,10 @@ METHODS: dict[str, MethodSpec] = {
             knobs={"head_weight": 0.5},
         ),
         map_ops=[{"mode": "token", "threshold": 0.95}, {"mode": "token", "threshold": 0.9}], swept="threshold",
+        knob_choices={"mode": early_exit.MODES, "batching": BATCHINGS},
+        knob_help={"threshold": "exit where the head's confidence is above this, in [0, 1]",
+                   "mode": "tokens exit one by one, or whole images (default token)",
+                   "batching": "how a ragged batch runs (default pad)"},
     ),
 }
 

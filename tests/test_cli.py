@@ -92,7 +92,7 @@ def test_corrupt_checkpoint_is_one_line_error(capsys, tmp_path, toy):
 
 def test_unwritable_results_folder_is_one_line_error(capsys, tmp_path, toy):
     (tmp_path / "afile").write_text("x")
-    code, _, err = run_cli(capsys, "run", "--dataset", "toy", "--op", "", "--checkpoints", str(tmp_path / "ck"),
+    code, _, err = run_cli(capsys, "run", "--dataset", "toy", "--checkpoints", str(tmp_path / "ck"),
                            "--results", str(tmp_path / "afile" / "res"), "--quiet")
     assert_one_line_error(code, err, "afile")
 
@@ -232,7 +232,7 @@ def test_shallow_trains_one_checkpoint_per_depth_and_runs_that_many_blocks(capsy
 
 
 @pytest.mark.parametrize("op,words", [("depth=4", ["depth must be a whole number in [1, 3]"]),
-                                      ("", ["shallow needs depth=k"])])
+                                      ("", ["bad --op", "keys: depth"])])
 def test_bad_shallow_depth_is_one_line_error(capsys, tmp_path, toy, op, words):
     code, _, err = run_cli(capsys, "run", "--method", "shallow", "--op", op, *toy_args(tmp_path))
     assert_one_line_error(code, err, *words)

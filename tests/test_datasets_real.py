@@ -72,12 +72,12 @@ def make_ade20k(root: Path, counts=None, sizes=((48, 64), (64, 48), (40, 72))) -
 
 
 def make_folder(root: Path, config=None, counts=None, list_splits=("val",)) -> Path:
-    """3 classes, ignore index 9; `list_splits` as <split>.txt + images/, the others as
-    images/<split>/ + labels/<split>/."""
+    """3 classes, ignore index 9, named 'mine'; `list_splits` as <split>.txt + images/, the
+    others as images/<split>/ + labels/<split>/."""
     counts = counts or {"train": 4, "val": 2}
     root.mkdir(parents=True, exist_ok=True)
     (root / "classes.txt").write_text("road\ncar\nsky\n")
-    (root / "bench.json").write_text(json.dumps({"ignore_index": 9, **(config or {})}))
+    (root / "bench.json").write_text(json.dumps({"name": "mine", "ignore_index": 9, **(config or {})}))
     for split, n in counts.items():
         names = []
         for i in range(n):
@@ -154,7 +154,7 @@ def test_ade20k_run_end_to_end(tmp_path, small):
 def test_folder_run_end_to_end_with_its_own_preset(tmp_path, small):
     root = make_folder(tmp_path / "mine", config=dict(SMALL, window=32, stride=32))
     main(_run_args(tmp_path, "folder", root))
-    (r,) = _records(tmp_path, "folder")
+    (r,) = _records(tmp_path, "mine")
     assert list(r["per_class_iou"]) == ["road", "car", "sky"]
     assert r["eval"] == {"mode": "slide", "window": 32, "stride": 32, "scale": 1.0}
     spec = datasets.get_spec("folder", str(root))
@@ -263,7 +263,7 @@ def test_datasets_command_lists_roots_counts_problems_and_loader_speed(tmp_path,
     main(["datasets", "--data-root", str(tmp_path / "cityscapes"), "--dataset", "cityscapes", "--speed", "--batches", "2"])
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split()[:3] == ["cityscapes", "found", str(tmp_path / "cityscapes")]
-    assert "train 4, val 2, test 1" in lines[0] and "$CITYSCAPES_DATASET" in lines[0]
+    assert "train 4, val 2, test 1" in lines[0] and "(--data-root)" in lines[0]
     assert "training loader:" in lines[1] and "images/s" in lines[1] and "(4 images in 2 batches of 2" in lines[1]
 
     make_ade20k(tmp_path / "ade")

@@ -289,7 +289,7 @@ def test_a_failed_write_leaves_the_previous_files_and_no_partial_one(tmp_path, m
         raise OSError("disk full")
 
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", broken_savefig)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(BenchError, match="disk full"):  # one line (atomic_write), no partial file
         report(res, str(out), checkpoints=str(tmp_path))
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 

@@ -5,6 +5,7 @@ A dataset item is ``(image uint8 (3, H, W), label int64 (H, W))`` with ``ignore_
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,67 @@ class DatasetPreset:
     optimizer: str = "adamw"  # "adamw", or "sgd" (momentum 0.9, Segmenter's recipe)
     weight_decay: float = 0.05
 
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self, models=None) -> None:
+        """Every field's type, range and allowed values; ValueError naming the first bad
+        field (``folder`` adds its file's name). ``models``: the model presets ``model``
+        must be one of (None: not checked here; the model code takes seconds to import,
+        and building the model names an unknown one before any training)."""
+
+        def fail(name, expected):
+            raise ValueError(f"{name} must be {expected}, got {getattr(self, name)!r}")
+
+        def whole(name, optional=False):
+            v = getattr(self, name)
+            if not (optional and v is None) and (not _is_int(v) or v < 1):
+                fail(name, "a whole number >= 1" + (" or null" if optional else ""))
+
+        def positive(name, zero=False):
+            v = getattr(self, name)
+            if not _is_number(v) or not (v >= 0 if zero else v > 0):
+                fail(name, "a number >= 0" if zero else "a number > 0")
+
+        def one_of(name, allowed):
+            if not isinstance(getattr(self, name), str) or getattr(self, name) not in allowed:
+                fail(name, "one of " + ", ".join(repr(a) for a in allowed))
+
+        one_of("eval_mode", ("whole", "slide"))
+        whole("window", optional=True)
+        whole("stride", optional=True)
+        if self.eval_mode == "slide":
+            if self.window is None or self.stride is None:
+                fail("window" if self.window is None else "stride", "a whole number >= 1 with eval_mode 'slide'")
+            if self.stride > self.window:  # windows would leave pixels no window covers
+                fail("stride", f"at most the window ({self.window})")
+        whole("crop_size")
+        lo_hi = self.scale_range
+        if (not isinstance(lo_hi, (tuple, list)) or len(lo_hi) != 2 or not all(_is_number(v) and v > 0 for v in lo_hi)
+                or lo_hi[0] > lo_hi[1]):
+            fail("scale_range", "two numbers [low, high] with 0 < low <= high")
+        whole("batch_size")
+        positive("lr")
+        whole("steps")
+        if models is not None:
+            one_of("model", tuple(models))
+        elif not isinstance(self.model, str) or not self.model:
+            fail("model", "a model preset name")
+        one_of("decoder", ("linear", "mask"))
+        if not isinstance(self.val_split, str) or not self.val_split:
+            fail("val_split", "a split name")
+        whole("resize_short", optional=True)
+        one_of("optimizer", ("adamw", "sgd"))
+        positive("weight_decay", zero=True)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+
 
 @dataclass(frozen=True)
 class DatasetSpec:
@@ -46,7 +108,8 @@ class DatasetSpec:
     description: str = ""
     # (root) -> {split: count} without loading everything; None: open each split
     count_splits: Optional[Callable] = None
-    # (spec, root) -> the spec for the data under root (classes, preset read from there)
+    # (spec, root, name) -> the spec for the data under root (classes, preset and name
+    # read from there; ``name``: the user's, e.g. --name)
     resolve: Optional[Callable] = None
 
     @property
@@ -55,6 +118,10 @@ class DatasetSpec:
 
     def root(self, root: Optional[str] = None) -> Path:
         return Path(root or os.environ.get(self.root_env) or self.default_root)
+
+    def root_source(self, root: Optional[str] = None) -> str:
+        """Where ``root(root)`` came from: --data-root, the environment variable or the default."""
+        return "--data-root" if root else f"${self.root_env}" if os.environ.get(self.root_env) else "default"
 
 
 def _open_synthetic(split: str, root: Path):
@@ -111,7 +178,7 @@ def _count_ade20k(root: Path) -> dict:
 def _open_folder(split: str, root: Path):
     from bench.datasets import folder
 
-    return folder.open_split(split, root, train_short_side=get_spec("folder", str(root)).preset.resize_short)
+    return folder.open_split(split, root, train_short_side=folder.read_preset(DATASETS["folder"], root).resize_short)
 
 
 def _count_folder(root: Path) -> dict:
@@ -120,10 +187,10 @@ def _count_folder(root: Path) -> dict:
     return folder.count_splits(root)
 
 
-def _resolve_folder(spec: "DatasetSpec", root: Path) -> "DatasetSpec":
+def _resolve_folder(spec: "DatasetSpec", root: Path, name: Optional[str]) -> "DatasetSpec":
     from bench.datasets import folder
 
-    return folder.resolve(spec, root)
+    return folder.resolve(spec, root, name)
 
 
 def _open_idd_lite(split: str, root: Path):
@@ -226,15 +293,19 @@ DATASETS: dict[str, DatasetSpec] = {
 }
 
 
-def get_spec(name: str, root: Optional[str] = None) -> DatasetSpec:
+def get_spec(name: str, root: Optional[str] = None, as_name: Optional[str] = None) -> DatasetSpec:
     """The dataset's spec; for a dataset whose classes live with the data (``folder``),
-    read from ``root`` (or its environment variable / default root)."""
+    read from ``root`` (or its environment variable / default root). ``as_name`` (--name):
+    what such a dataset is called in records, checkpoints and reports."""
     if name not in DATASETS:
         raise BenchError(f"unknown dataset {name!r}; expected one of: {', '.join(DATASETS)}")
     spec = DATASETS[name]
-    if spec.resolve is not None:
-        spec = spec.resolve(spec, spec.root(root))
-    return spec
+    if spec.resolve is None:
+        if as_name is not None:
+            raise BenchError(f"--name {as_name!r}: only a dataset read from its own folder (folder) takes a name; "
+                             f"{name} is always {name!r}")
+        return spec
+    return spec.resolve(spec, spec.root(root), as_name)
 
 
 def open_dataset(name: str, split: str, root: Optional[str] = None):
@@ -244,14 +315,17 @@ def open_dataset(name: str, split: str, root: Optional[str] = None):
     return spec.open_split(split, spec.root(root))
 
 
-def dataset_status(name: str, root: Optional[str] = None) -> dict:
-    """Where a dataset is looked for, whether it is there, and image counts per split;
-    ``problem`` says what is wrong with a tree that is missing or malformed."""
+def dataset_status(name: str, root: Optional[str] = None, as_name: Optional[str] = None) -> dict:
+    """Where a dataset is looked for (``source``: --data-root, $VARIABLE or default),
+    whether it is there, and image counts per split; ``problem`` says what is wrong with
+    a tree that is missing or malformed; ``as``: the name its records are stored under."""
     spec = DATASETS[name] if name in DATASETS else get_spec(name)
     where = spec.root(root)
-    status = {"name": name, "root": str(where), "env": spec.root_env, "found": False, "splits": {}, "problem": None}
+    status = {"name": name, "root": str(where), "env": spec.root_env, "source": spec.root_source(root),
+              "found": False, "splits": {}, "problem": None, "as": None}
     try:
-        spec = get_spec(name, root)
+        spec = get_spec(name, root, as_name)
+        status["as"] = spec.name
         if spec.count_splits is not None:
             status["splits"] = spec.count_splits(where)
         else:
@@ -264,7 +338,7 @@ def dataset_status(name: str, root: Optional[str] = None) -> dict:
 
 
 def loader_speed(name: str, root: Optional[str] = None, *, batches: int = 20, workers: Optional[int] = None,
-                 device: str = "cpu", seed: int = 0) -> dict:
+                 device: str = "cpu", seed: int = 0, as_name: Optional[str] = None) -> dict:
     """Images per second of the training loader alone (decoding + augmentation in its
     workers, pinned memory and the copy to ``device``), over ``batches`` batches after
     one warm-up batch (worker start-up), with the dataset's preset (crop, batch, scale)."""
@@ -274,7 +348,7 @@ def loader_speed(name: str, root: Optional[str] = None, *, batches: int = 20, wo
 
     from bench.train import TrainConfig, step_loader
 
-    spec = get_spec(name, root)
+    spec = get_spec(name, root, as_name)
     p = spec.preset
     dataset = open_dataset(name, "train", root)
     cfg = TrainConfig(dataset=name, num_classes=spec.num_classes, steps=batches + 1, batch_size=p.batch_size,

@@ -3,7 +3,7 @@
 Root: ``--data-root`` or ``$BENCH_FOLDER_ROOT``::
 
     <root>/classes.txt        one class name per line; line k (from 0) is label value k
-    <root>/bench.json         optional: {"ignore_index": 255, ...preset overrides}
+    <root>/bench.json         {"name": "mine", "ignore_index": 255, ...preset overrides}
     splits as subfolders:     <root>/images/<split>/<name>.{png,jpg,...}
                               <root>/labels/<split>/<name>.png
     or as list files:         <root>/<split>.txt (one name per line, no extension)
@@ -17,11 +17,16 @@ error. Splits: ``train`` for training, ``val`` for evaluation.
 
 ``bench.json`` may also override any field of the dataset's preset
 (``bench.datasets.DatasetPreset``), e.g. ``{"eval_mode": "whole", "crop_size": 256,
-"steps": 20000}``.
+"steps": 20000}``; every value is checked when the dataset is opened.
+
+A folder dataset has a name of its own (``"name"`` in ``bench.json``, or ``--name``,
+which wins): records, checkpoints and reports are kept under it, so two folders never
+share a results file. A name is a letter followed by letters, digits, ``_`` or ``-``.
 """
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import fields, replace
 from pathlib import Path
 
@@ -31,6 +36,7 @@ from bench.errors import BenchError
 
 CLASSES_FILE = "classes.txt"
 CONFIG_FILE = "bench.json"
+NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")
 
 
 def _expected() -> str:
@@ -84,27 +90,58 @@ def ignore_index(root: Path, num_classes: int) -> int:
     return value
 
 
-def resolve(spec, root: Path):
-    """The folder's spec: class names from ``classes.txt``, the preset with the overrides
-    of ``bench.json``."""
+def read_preset(spec, root: Path):
+    """The dataset's preset with the overrides of ``bench.json``, every value checked."""
     from bench.datasets import DatasetPreset
 
-    classes = read_classes(root)
+    path = root / CONFIG_FILE
     config = read_config(root)
-    ignore_index(root, len(classes))
     known = {f.name for f in fields(DatasetPreset)}
-    overrides = {k: v for k, v in config.items() if k != "ignore_index"}
+    overrides = {k: v for k, v in config.items() if k not in ("ignore_index", "name")}
     unknown = sorted(set(overrides) - known)
     if unknown:
-        raise BenchError(f"folder: {root / CONFIG_FILE}: unknown key {unknown[0]!r}; expected ignore_index "
+        raise BenchError(f"folder: {path}: unknown key {unknown[0]!r}; expected name, ignore_index "
                          f"or a preset field: {', '.join(sorted(known))}")
-    if "scale_range" in overrides:
+    if isinstance(overrides.get("scale_range"), list):
         overrides["scale_range"] = tuple(overrides["scale_range"])
     try:
-        preset = replace(spec.preset, **overrides)
-    except TypeError as e:
-        raise BenchError(f"folder: {root / CONFIG_FILE}: {e}") from None
-    return replace(spec, classes=classes, preset=preset)
+        preset = replace(spec.preset, **overrides)  # checks every field
+        if "model" in overrides:
+            from methods.segmenter import PRESETS
+
+            preset.validate(models=PRESETS)
+    except ValueError as e:
+        raise BenchError(f"folder: {path}: {e}") from None
+    return preset
+
+
+def dataset_name(root: Path, given=None) -> str:
+    """``given`` (--name), else ``"name"`` of ``bench.json``; a plain identifier that is
+    not another dataset's name."""
+    from bench.datasets import DATASETS
+
+    if given is not None:
+        name, where = given, "--name"
+    else:
+        name, where = read_config(root).get("name"), f"{root / CONFIG_FILE}: name"
+        if name is None:
+            raise BenchError(f"folder: {root} has no dataset name; set \"name\" in {root / CONFIG_FILE} or pass "
+                             "--name (its records, checkpoints and reports are kept under that name)")
+    if not isinstance(name, str) or not NAME.fullmatch(name):
+        raise BenchError(f"folder: {where} must be a letter followed by letters, digits, _ or - "
+                         f"(at most 64), got {name!r}")
+    if name in DATASETS and name != "folder":
+        raise BenchError(f"folder: {where} {name!r} is a built-in dataset's name; choose another")
+    return name
+
+
+def resolve(spec, root: Path, name=None):
+    """The folder's spec: class names from ``classes.txt``, the preset with the overrides
+    of ``bench.json``, the name (``name`` if given, else the file's)."""
+    classes = read_classes(root)
+    ignore_index(root, len(classes))
+    preset = read_preset(spec, root)
+    return replace(spec, name=dataset_name(root, name), classes=classes, preset=preset)
 
 
 def open_split(split: str, root: Path, train_short_side=None) -> SegmentationFiles:
