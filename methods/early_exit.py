@@ -90,7 +90,7 @@ class EarlyExitPolicy(Policy):
         B, N, _ = state.x.shape
         self.exited = torch.zeros(B, N, dtype=torch.bool, device=state.x.device)
         self.head_logits = state.x.new_zeros(B, N, model.num_classes)
-        self.exit_layer = torch.full((B,), model.depth, dtype=torch.long)
+        self.exit_layer = torch.full((B,), model.depth, dtype=torch.long, device=state.x.device)
 
     def after_block(self, index: int, block, state: TokenState) -> None:
         head = self.heads.head_at(index + 1)
@@ -105,10 +105,8 @@ class EarlyExitPolicy(Policy):
         else:
             mean = (conf * valid).sum(1) / valid.sum(1).clamp(min=1)
             gone = valid.any(1) & (mean > self.threshold)
-            self.exit_layer[gone.cpu()] = index + 1
+            self.exit_layer.masked_fill_(gone & (self.exit_layer == len(state.trace.tokens[0])), index + 1)
             leave = gone[:, None] & valid
-        if not leave.any():
-            return
         # row -> grid position: which positions leave, and their head logits
         rows = state.source.clamp(min=0)
         at_grid = leave.gather(1, rows) & (state.source >= 0)
@@ -118,10 +116,10 @@ class EarlyExitPolicy(Policy):
         state.keep(~leave, layer=index + 1)
 
     def decodes(self, state: TokenState) -> Optional[Tensor]:
-        return None if self.mode == "token" else (self.exit_layer == len(state.trace.tokens[0])).to(state.x.device)
+        return None if self.mode == "token" else self.exit_layer == len(state.trace.tokens[0])
 
     def finish(self, logits: Tensor, state: TokenState) -> Tensor:
-        if not self.exited.any():
+        if not state.any_left:  # host flag set by `keep`: exited tokens are the ones that left
             return logits
         B, C = logits.shape[:2]
         head = self.head_logits.transpose(1, 2).reshape(B, C, *state.grid)

@@ -167,9 +167,9 @@ class PaumerPolicy(Policy):
 
     def _random_like(self, pause: Tensor, candidates: Optional[Tensor]) -> Tensor:
         """As many pauses per image as ``pause`` has, at random candidate positions."""
-        g = torch.Generator(device="cpu").manual_seed(self.seed)
+        g = torch.Generator(device=pause.device).manual_seed(self.seed)  # on the device: no copy
         self.seed += 1
-        noise = torch.rand(pause.shape, generator=g).to(pause.device)
+        noise = torch.rand(pause.shape, generator=g, device=pause.device)
         if candidates is not None:
             noise = noise.masked_fill(~candidates, 2.0)  # ranked after every candidate: never chosen
         ranks = noise.argsort(1).argsort(1)
@@ -178,10 +178,10 @@ class PaumerPolicy(Policy):
     def _rows_grid_position(self, state: TokenState) -> Tensor:
         """(B, n) grid position of each active row (a pausing model never merges)."""
         B, n = state.x.shape[:2]
-        pos = torch.zeros(B, max(n, 1), dtype=torch.long, device=state.x.device)
+        pos = torch.zeros(B, n + 1, dtype=torch.long, device=state.x.device)
         grid = torch.arange(state.source.shape[1], device=state.x.device).expand_as(state.source)
-        alive = state.source >= 0
-        pos[alive.nonzero(as_tuple=True)[0], state.source[alive]] = grid[alive]
+        # parked positions write to a spare last column (a scatter: no host sync)
+        pos.scatter_(1, torch.where(state.source >= 0, state.source, n), grid)
         return pos[:, :n]
 
     # --- the hooks --------------------------------------------------------------------
@@ -217,8 +217,7 @@ class PaumerPolicy(Policy):
             return
         rows = self._rows_grid_position(state) if self.criterion == "oracle" else None
         pause = self._pause(logits, tau, rows, state.valid)
-        if pause.any():
-            state.keep(~pause, layer=index + 1)
+        state.keep(~pause, layer=index + 1)  # its one host read; unchanged when none pauses
 
     def cost_probe(self, model, key: tuple, n: int):
         if key != ("head",):
