@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from methods.encoder import Policy, TokenState, check_batching
-from methods.paumer import HeadScore, PausingHeads, SegmenterWithHeads, patch_labels
+from methods.paumer import HeadScore, PausingHeads, SegmenterWithHeads, patch_labels, scheduled_selection
 
 MODES = ("token", "image")
 UPSAMPLE = {"token": "nearest", "image": "bilinear"}
@@ -70,7 +70,11 @@ class EarlyExitPolicy(Policy):
 
     name = "early-exit"
 
-    def __init__(self, heads: PausingHeads, threshold: float = 0.9, mode: str = "token", batching: str = "pad"):
+    def __init__(self, heads: PausingHeads, threshold: float = 0.9, mode: str = "token", batching: str = "pad",
+                 stay: Optional[list] = None, spread: float = 0.1):
+        """``stay`` (token mode, ``bench speed``): instead of the threshold, a forced
+        schedule: the share of the grid still active after each exit layer, the most
+        confident tokens leaving (``paumer.scheduled_selection``, spread +-``spread``)."""
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
         self.batching = check_batching(batching)
@@ -78,12 +82,17 @@ class EarlyExitPolicy(Policy):
         if not 0.0 <= threshold <= 1.0:
             raise ValueError(f"threshold must be in [0, 1], got {threshold}")
         self.heads, self.threshold, self.mode = heads, threshold, mode
+        self.stay, self.spread = (None if stay is None else [float(v) for v in stay]), float(spread)
+        if self.stay is not None and (mode != "token" or len(self.stay) != len(heads.layers)):
+            raise ValueError(f"stay needs token mode and one fraction per exit layer {heads.layers}")
         # per forward, set in `start`: where each grid position exited, with what logits
         self.exited: Optional[Tensor] = None  # (B, N) bool
         self.head_logits: Optional[Tensor] = None  # (B, N, C) the exit head's, at exited positions
         self.exit_layer: Optional[Tensor] = None  # (B,) image mode: layer each image exited at (depth: never)
 
     def describe(self) -> dict:
+        if self.stay is not None:
+            return {"stay": self.stay, "spread": self.spread, "mode": self.mode, "layers": self.heads.layers}
         return {"threshold": self.threshold, "mode": self.mode, "layers": self.heads.layers}
 
     def start(self, model, state: TokenState) -> None:
@@ -100,7 +109,10 @@ class EarlyExitPolicy(Policy):
         state.trace.add(("head",), state.counts())
         conf = confidence(logits)
         valid = state.valid if state.valid is not None else torch.ones_like(conf, dtype=torch.bool)
-        if self.mode == "token":
+        if self.stay is not None:
+            stay = self.stay[self.heads.layers.index(index + 1)]
+            leave = scheduled_selection(-conf, state.valid, stay, state.source.shape[1], self.spread)
+        elif self.mode == "token":
             leave = (conf > self.threshold) & valid
         else:
             mean = (conf * valid).sum(1) / valid.sum(1).clamp(min=1)
