@@ -76,6 +76,9 @@ def record_problem(r: dict) -> Optional[str]:
         return f"field 'method' is {_kind(r['method'])}, expected a string"
     if not isinstance(r["knobs"], dict):
         return f"field 'knobs' is {_kind(r['knobs'])}, expected an object"
+    if r["dataset"] == "speed":  # `bench speed`: no accuracy (speed_report)
+        return _number_problem(r, "gflops_ratio", "gflops_ratio", required=True) or (
+            None if isinstance(r.get("speed"), dict) else "lacks field 'speed'")
     problem = _number_problem(r, "miou", "miou", required=True)
     for key in ("miou_delta", "baseline_miou", "gflops_ratio", "baseline_gflops", "control_miou",
                 "miou_delta_control"):
@@ -614,6 +617,45 @@ def _write_csv(path: Path, df: pd.DataFrame) -> Path:
     return _write_text(path, buffer.getvalue())
 
 
+def speed_table(records: list[dict]) -> pd.DataFrame:
+    """One row per `bench speed` record and batch size: FLOPs ratio, speedup and the
+    share of the FLOP saving that became time (speedup / (1 / FLOPs ratio))."""
+    rows = []
+    for r in records:
+        ev = r.get("eval", {})
+        for bs, s in sorted(r["speed"].items(), key=lambda kv: int(kv[0])):
+            rows.append({"model": ev.get("model"), "decoder": ev.get("decoder"), "size": ev.get("size"),
+                         "device": r.get("device_name", r.get("device")), "precision": r.get("precision"),
+                         "compile": bool(r.get("compile")), "method": r["method"], "knobs": op_label(r["knobs"]),
+                         "batch": int(bs), "gflops": r["gflops"]["mean"], "gflops_ratio": r["gflops_ratio"],
+                         "throughput": s["throughput"], "speedup": s["speedup"],
+                         "realised": s["speedup"] * r["gflops_ratio"]})
+    return pd.DataFrame(rows)
+
+
+def speed_report(records: list[dict], out_dir: Path, width: str = "text") -> list[Path]:
+    """`bench speed` records: a table (Markdown, CSV) and the measured speedup against
+    the FLOPs speedup (1 / FLOPs ratio), with y = x: where every saved FLOP becomes time."""
+    df = speed_table(records)
+    md = ["# bench speed", "", "realised = speedup x FLOPs ratio: 1.0 when the FLOP saving fully becomes time.", "",
+          "| " + " | ".join(df.columns) + " |", "|" + "---|" * len(df.columns)]
+    for _, row in df.iterrows():
+        md.append("| " + " | ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in row) + " |")
+    files = [_write_text(out_dir / "speed.md", "\n".join(md) + "\n"), _write_csv(out_dir / "speed.csv", df)]
+    with figure_style() as plt:
+        fig, ax = plt.subplots(figsize=(WIDTHS[width], 0.7 * WIDTHS[width]))
+        top = max(1.0, float((1 / df["gflops_ratio"]).max()), float(df["speedup"].max())) * 1.05
+        ax.plot([0, top], [0, top], "k--", lw=0.8, label="y = x (every saved FLOP becomes time)")
+        for (method, bs), sub in df.groupby(["method", "batch"]):
+            ax.scatter(1 / sub["gflops_ratio"], sub["speedup"], label=f"{method} b{bs}", s=14)
+        ax.set_xlabel("FLOPs speedup (baseline GFLOPs / method's)")
+        ax.set_ylabel("speedup over the baseline")
+        ax.legend(fontsize="small")
+        files += save_figure(fig, out_dir / "speed-speedup")
+        plt.close(fig)
+    return files
+
+
 def usable_records(results: str) -> tuple[list[dict], int]:
     """The records the report can use, and how many it skipped (each named on stdout
     with its file and line)."""
@@ -656,6 +698,12 @@ def report(results: str = "results", out: str = "reports", width: str = "text",
     found = sorted({r["dataset"] for r in records})
     for dataset in found:
         mine = [r for r in records if r["dataset"] == dataset]
+        if dataset == "speed":
+            files = speed_report(mine, out_dir, width)
+            written += files
+            index += ["## speed (`bench speed`)", ""] + [f"- [{f.name}]({f.name})" for f in files
+                                                        if f.suffix not in (".svg", ".pdf")] + [""]
+            continue
         df = table(mine)
         labels = group_labels(mine)
         files = [_write_text(out_dir / f"{dataset}.md", markdown(df)),

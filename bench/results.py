@@ -35,7 +35,7 @@ from bench.fileio import atomic_write
 SCHEMA_VERSION = 1
 IDENTITY_FIELDS = ("method", "knobs", "dataset", "split", "checkpoint")
 # What else moves the numbers; records older than a field lack it (absent from their identity)
-SETTING_FIELDS = ("images", "device", "precision", "batch_sizes", "eval")
+SETTING_FIELDS = ("images", "device", "precision", "batch_sizes", "eval", "compile")
 REQUIRED_FIELDS = ("schema_version",) + IDENTITY_FIELDS
 LOCK_NAME = ".lock"
 
@@ -53,6 +53,8 @@ def _setting(rec: dict, key: str):
     """A setting's identity value, or None where the record does not say."""
     if key == "device":  # the kind: cuda:0 and cuda:1 measure alike
         return str(rec["device"]).split(":")[0] if rec.get("device") else None
+    if key == "compile":  # only a compiled run says so: uncompiled identities stay as they were
+        return True if rec.get("compile") else None
     if key == "precision":  # records before `precision` named it `dtype`
         return rec.get("precision", rec.get("dtype"))
     return rec.get(key)

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from methods.encoder import Policy, TokenState, check_batching
-from methods.paumer import HeadScore, PausingHeads, SegmenterWithHeads, patch_labels
+from methods.paumer import HeadScore, PausingHeads, SegmenterWithHeads, patch_labels, scheduled_selection
 
 MODES = ("token", "image")
 UPSAMPLE = {"token": "nearest", "image": "bilinear"}
@@ -70,7 +70,11 @@ class EarlyExitPolicy(Policy):
 
     name = "early-exit"
 
-    def __init__(self, heads: PausingHeads, threshold: float = 0.9, mode: str = "token", batching: str = "pad"):
+    def __init__(self, heads: PausingHeads, threshold: float = 0.9, mode: str = "token", batching: str = "pad",
+                 stay: Optional[list] = None, spread: float = 0.1):
+        """``stay`` (token mode, ``bench speed``): instead of the threshold, a forced
+        schedule: the share of the grid still active after each exit layer, the most
+        confident tokens leaving (``paumer.scheduled_selection``, spread +-``spread``)."""
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
         self.batching = check_batching(batching)
@@ -78,19 +82,24 @@ class EarlyExitPolicy(Policy):
         if not 0.0 <= threshold <= 1.0:
             raise ValueError(f"threshold must be in [0, 1], got {threshold}")
         self.heads, self.threshold, self.mode = heads, threshold, mode
+        self.stay, self.spread = (None if stay is None else [float(v) for v in stay]), float(spread)
+        if self.stay is not None and (mode != "token" or len(self.stay) != len(heads.layers)):
+            raise ValueError(f"stay needs token mode and one fraction per exit layer {heads.layers}")
         # per forward, set in `start`: where each grid position exited, with what logits
         self.exited: Optional[Tensor] = None  # (B, N) bool
         self.head_logits: Optional[Tensor] = None  # (B, N, C) the exit head's, at exited positions
         self.exit_layer: Optional[Tensor] = None  # (B,) image mode: layer each image exited at (depth: never)
 
     def describe(self) -> dict:
+        if self.stay is not None:
+            return {"stay": self.stay, "spread": self.spread, "mode": self.mode, "layers": self.heads.layers}
         return {"threshold": self.threshold, "mode": self.mode, "layers": self.heads.layers}
 
     def start(self, model, state: TokenState) -> None:
         B, N, _ = state.x.shape
         self.exited = torch.zeros(B, N, dtype=torch.bool, device=state.x.device)
         self.head_logits = state.x.new_zeros(B, N, model.num_classes)
-        self.exit_layer = torch.full((B,), model.depth, dtype=torch.long)
+        self.exit_layer = torch.full((B,), model.depth, dtype=torch.long, device=state.x.device)
 
     def after_block(self, index: int, block, state: TokenState) -> None:
         head = self.heads.head_at(index + 1)
@@ -100,15 +109,16 @@ class EarlyExitPolicy(Policy):
         state.trace.add(("head",), state.counts())
         conf = confidence(logits)
         valid = state.valid if state.valid is not None else torch.ones_like(conf, dtype=torch.bool)
-        if self.mode == "token":
+        if self.stay is not None:
+            stay = self.stay[self.heads.layers.index(index + 1)]
+            leave = scheduled_selection(-conf, state.valid, stay, state.source.shape[1], self.spread)
+        elif self.mode == "token":
             leave = (conf > self.threshold) & valid
         else:
             mean = (conf * valid).sum(1) / valid.sum(1).clamp(min=1)
             gone = valid.any(1) & (mean > self.threshold)
-            self.exit_layer[gone.cpu()] = index + 1
+            self.exit_layer.masked_fill_(gone & (self.exit_layer == len(state.trace.tokens[0])), index + 1)
             leave = gone[:, None] & valid
-        if not leave.any():
-            return
         # row -> grid position: which positions leave, and their head logits
         rows = state.source.clamp(min=0)
         at_grid = leave.gather(1, rows) & (state.source >= 0)
@@ -118,10 +128,10 @@ class EarlyExitPolicy(Policy):
         state.keep(~leave, layer=index + 1)
 
     def decodes(self, state: TokenState) -> Optional[Tensor]:
-        return None if self.mode == "token" else (self.exit_layer == len(state.trace.tokens[0])).to(state.x.device)
+        return None if self.mode == "token" else self.exit_layer == len(state.trace.tokens[0])
 
     def finish(self, logits: Tensor, state: TokenState) -> Tensor:
-        if not self.exited.any():
+        if not state.any_left:  # host flag set by `keep`: exited tokens are the ones that left
             return logits
         B, C = logits.shape[:2]
         head = self.head_logits.transpose(1, 2).reshape(B, C, *state.grid)

@@ -41,7 +41,28 @@ class ComputeTrace:
     decoder_rows: Optional[Tensor] = None  # (B,) rows the decoder ran on (merged rows); None: the full grid
 
     def add(self, key: tuple, counts: Tensor) -> None:
-        self.items.append((key, counts.detach().to("cpu", torch.long)))
+        # kept where they were computed (no host sync per block); ``to_host`` moves them
+        self.items.append((key, counts.detach().long()))
+
+    def to_host(self) -> None:
+        """Every count onto the CPU in one device-to-host copy (once per forward)."""
+        parts = [self.tokens] + [c[:, None] for _, c in self.items]
+        for extra in (self.decoded, self.decoder_rows):
+            if extra is not None:
+                parts.append(extra.long()[:, None])
+        if all(p.device.type == "cpu" for p in parts):
+            host = parts
+        else:
+            device = next(p.device for p in parts if p.device.type != "cpu")
+            widths = [p.shape[1] for p in parts]
+            host = list(torch.cat([p.to(device) for p in parts], 1).cpu().split(widths, 1))
+        self.tokens = host[0]
+        self.items = [(key, h[:, 0]) for (key, _), h in zip(self.items, host[1:])]
+        rest = host[1 + len(self.items):]
+        if self.decoded is not None:
+            self.decoded = rest.pop(0)[:, 0].bool()
+        if self.decoder_rows is not None:
+            self.decoder_rows = rest.pop(0)[:, 0]
 
 
 class TokenState:
@@ -56,17 +77,21 @@ class TokenState:
         self.size: Optional[Tensor] = None  # (B, n) tokens merged into each row (ToMe)
         self.parked: Optional[Tensor] = None  # (B, N, D) states of tokens that left
         self.left_at = torch.full((B, N), depth, dtype=torch.long, device=tokens.device)
-        self.trace = ComputeTrace(torch.zeros(B, depth, dtype=torch.long))
+        self.trace = ComputeTrace(torch.zeros(B, depth, dtype=torch.long, device=tokens.device))
+        # host copies read by ``keep``'s one sync: real rows per image while ``valid`` is
+        # set (packed blocks split by them), and whether any token has left so far
+        self.row_counts: Optional[list[int]] = None
+        self.any_left = False
 
     @property
     def batch_size(self) -> int:
         return self.x.shape[0]
 
     def counts(self) -> Tensor:
-        """Real active tokens per image, (B,)."""
+        """Real active tokens per image, (B,), on the tokens' device (no host sync)."""
         if self.valid is None:
-            return torch.full((self.batch_size,), self.x.shape[1], dtype=torch.long)
-        return self.valid.sum(1).cpu()
+            return torch.full((self.batch_size,), self.x.shape[1], dtype=torch.long, device=self.x.device)
+        return self.valid.sum(1)
 
     def key_mask(self) -> Optional[Tensor]:
         """Boolean attention mask (B, 1, 1, n) that hides padded rows, or None."""
@@ -78,22 +103,31 @@ class TokenState:
         Grid positions whose row leaves get ``left_at = layer``. Kept rows stay in order.
         """
         B, n, D = self.x.shape
+        if B == 0 or n == 0:
+            return  # no active row: nothing can leave
         if self.valid is not None:
             keep = keep & self.valid
         gone = ~keep.gather(1, self.source.clamp(min=0)) & (self.source >= 0)
-        if gone.any():
+        kept = keep.sum(1)
+        # the decision's one device-to-host read: rows kept per image, and whether any left
+        *row_counts, any_gone = torch.cat([kept, gone.any()[None].long()]).tolist()
+        if not any_gone and max(row_counts) == n:
+            return  # nothing left: the state is unchanged
+        if any_gone:
+            self.any_left = True
             at_grid = self.x.gather(1, self.source.clamp(min=0)[..., None].expand(B, -1, D))
             parked = torch.zeros_like(at_grid) if self.parked is None else self.parked
             self.parked = torch.where(gone[..., None], at_grid, parked)
-            self.left_at[gone] = layer
-        kept = keep.sum(1)
-        n_new = int(kept.max()) if B else 0
+            self.left_at.masked_fill_(gone, layer)
+        n_new = max(row_counts)
         order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :n_new]
         self.x = self.x.gather(1, order[..., None].expand(-1, -1, D))
         if self.size is not None:
             self.size = self.size.gather(1, order)
         rows = torch.arange(n_new, device=self.x.device).expand(B, n_new)
-        self.valid = None if bool((kept == n_new).all()) else rows < kept[:, None]
+        ragged = min(row_counts) != n_new
+        self.valid = rows < kept[:, None] if ragged else None
+        self.row_counts = row_counts if ragged else None
         # old row -> new row (or -1), then re-point every grid position
         new_row = torch.full((B, n), -1, dtype=torch.long, device=self.x.device)
         new_row.scatter_(1, order, torch.where(rows < kept[:, None], rows, -1))
@@ -111,28 +145,34 @@ class TokenState:
         return torch.where((self.source >= 0)[..., None], active, self.parked)
 
 
-def packed_block(block, x: Tensor, valid: Tensor) -> Tensor:
+def packed_block(block, x: Tensor, valid: Tensor, segments: Optional[list[int]] = None) -> Tensor:
     """timm ``Block`` forward on the real rows of a padded batch, without computing the
     padding: linear layers and norms on the packed (T, D) rows, attention per image.
+    ``valid`` marks each image's real rows, which come first (``TokenState.keep``);
+    ``segments``: their host-side counts per image (``TokenState.row_counts``), read from
+    the device when not given.
 
     Modifications vs timm's ``Block.forward``: tokens packed, attention per image
     segment (no mask needed); no gating / attention dropout (inference path).
     """
     attn = block.attn
-    rows = x[valid]  # (T, D), image by image
-    T = rows.shape[0]
+    B, n, D = x.shape
+    if segments is None:
+        segments = valid.sum(1).tolist()
+    T = sum(segments)
+    # flat indices of the real rows, image by image, found without a host sync
+    index = torch.argsort((~valid).flatten().to(torch.int8), stable=True)[:T]
+    flat = x.reshape(B * n, D)
+    rows = flat.index_select(0, index)  # (T, D)
     qkv = attn.qkv(block.norm1(rows)).reshape(T, 3, attn.num_heads, attn.head_dim).permute(1, 2, 0, 3)
     q, k, v = qkv.unbind(0)  # (heads, T, head_dim)
     q, k = attn.q_norm(q), attn.k_norm(k)
-    segments = valid.sum(1).tolist()
     out = torch.cat([F.scaled_dot_product_attention(qs, ks, vs)
                      for qs, ks, vs in zip(q.split(segments, 1), k.split(segments, 1), v.split(segments, 1))], 1)
     out = attn.proj(attn.norm(out.transpose(0, 1).reshape(T, attn.attn_dim)))
     rows = rows + block.drop_path1(block.ls1(out))
     rows = rows + block.drop_path2(block.ls2(block.mlp(block.norm2(rows))))
-    result = torch.zeros_like(x)
-    result[valid] = rows
-    return result
+    return torch.zeros_like(flat).index_copy_(0, index, rows).reshape(B, n, D)
 
 
 BATCHINGS = ("pad", "packed")
@@ -158,7 +198,7 @@ class Policy:
 
     def run_block(self, index: int, block, state: TokenState) -> None:
         if state.valid is not None and self.batching == "packed":
-            state.x = packed_block(block, state.x, state.valid)
+            state.x = packed_block(block, state.x, state.valid, state.row_counts)
         else:
             state.x = block(state.x, attn_mask=state.key_mask())
         state.trace.add(("block",), state.counts())
@@ -189,9 +229,8 @@ def run_encoder(blocks, tokens: Tensor, grid: tuple[int, int], policy: Policy, m
     state = TokenState(tokens, grid, depth=len(blocks))
     policy.start(model, state)
     for i, block in enumerate(blocks):
-        counts = state.counts()
-        state.trace.tokens[:, i] = counts
-        if counts.max() > 0:
+        state.trace.tokens[:, i] = state.counts()
+        if state.x.shape[1] > 0:  # the batch's largest count (``keep`` trims to it)
             policy.run_block(i, block, state)
         policy.after_block(i, block, state)
     return state

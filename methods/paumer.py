@@ -11,6 +11,10 @@ Scores (``criterion``), each in [0, 1], low = confident:
   random      pauses as many patches per image as entropy would, chosen at random
   oracle      entropy, but only patches whose head prediction is right may pause
               (needs labels: evaluation only, an upper bound for the heads)
+  schedule    forced selection for timing untrained models (``bench speed``): after
+              each pausing layer a declared fraction of the grid stays active
+              (``stay``, one per layer), spread image to image by +-``spread``; the
+              lowest-entropy tokens pause (``scheduled_selection``)
 
 Inference gathers (``TokenState.keep``): compute really falls. Training *simulates*
 pausing with an attention mask (a paused token neither attends nor is attended to, and
@@ -28,7 +32,7 @@ from torch import Tensor, nn
 
 from methods.encoder import Policy, TokenState, check_batching
 
-CRITERIA = ("entropy", "confidence", "random", "oracle")
+CRITERIA = ("entropy", "confidence", "random", "oracle", "schedule")
 
 
 def default_layers(depth: int) -> list[int]:
@@ -42,6 +46,28 @@ def normalized_entropy(logits: Tensor) -> Tensor:
     """-sum p log p / log C over the last dim, in [0, 1]."""
     logp = F.log_softmax(logits, dim=-1)
     return -(logp.exp() * logp).sum(-1) / math.log(logits.shape[-1])
+
+
+def default_stay(layers: int) -> list[float]:
+    """``bench speed``'s default schedule: the share of the token grid still active
+    after each pausing layer, from 0.75 to 0.4 (3 layers: 0.75, 0.575, 0.4)."""
+    return [round(0.75 - 0.35 * i / max(layers - 1, 1), 4) for i in range(layers)]
+
+
+def scheduled_selection(scores: Tensor, candidates: Optional[Tensor], stay: float, grid_tokens: int,
+                        spread: float) -> Tensor:
+    """Boolean (B, n): the lowest-``scores`` candidates of each image that must leave so
+    that ``stay`` of its ``grid_tokens`` stay active; image b's share is offset by
+    ``spread`` x a value from -1 (first image) to +1 (last), so batches are ragged."""
+    B, n = scores.shape
+    offset = torch.linspace(-spread, spread, B, device=scores.device) if B > 1 else scores.new_zeros(B)
+    target = ((stay + offset).clamp(0.0, 1.0) * grid_tokens).round().long()
+    active = candidates.sum(1) if candidates is not None else torch.full((B,), n, device=scores.device)
+    leave = (active - target).clamp(min=0)
+    if candidates is not None:
+        scores = scores.masked_fill(~candidates, float("inf"))  # ranked after every candidate
+    ranks = scores.argsort(dim=1, stable=True).argsort(dim=1)
+    return ranks < leave[:, None]
 
 
 def pause_scores(logits: Tensor, criterion: str) -> Tensor:
@@ -124,7 +150,8 @@ class PaumerPolicy(Policy):
 
     def __init__(self, heads: PausingHeads, tau: Union[float, Sequence[float]] = 0.1,
                  criterion: str = "entropy", layers: Optional[Sequence[int]] = None,
-                 batching: str = "pad", simulate: bool = False, seed: int = 0):
+                 batching: str = "pad", simulate: bool = False, seed: int = 0,
+                 stay: Optional[Sequence[float]] = None, spread: float = 0.1):
         if criterion not in CRITERIA:
             raise ValueError(f"unknown criterion {criterion!r}; expected one of {', '.join(CRITERIA)}")
         self.batching = check_batching(batching)
@@ -135,6 +162,13 @@ class PaumerPolicy(Policy):
             raise ValueError(f"no pausing head at layer(s) {missing or '[]'}; heads were trained at {heads.layers}")
         self.taus = resolve_tau(tau, self.layers)
         self.criterion = criterion
+        self.stay = [float(v) for v in (stay if stay is not None else default_stay(len(self.layers)))]
+        self.spread = float(spread)
+        if criterion == "schedule":
+            if len(self.stay) != len(self.layers) or any(not 0.0 <= v <= 1.0 for v in self.stay):
+                raise ValueError(f"stay needs one fraction in [0, 1] per pausing layer {self.layers}, got {self.stay}")
+            if not 0.0 <= self.spread <= 1.0:
+                raise ValueError(f"spread must be in [0, 1], got {self.spread}")
         self.simulate = simulate  # training: mask instead of gather
         self.seed = seed
         self.targets: Optional[Tensor] = None  # (B, N) patch labels, for `oracle`
@@ -146,6 +180,8 @@ class PaumerPolicy(Policy):
         return self.criterion == "oracle"
 
     def describe(self) -> dict:
+        if self.criterion == "schedule":
+            return {"stay": self.stay, "spread": self.spread, "layers": self.layers, "criterion": self.criterion}
         return {"tau": self.taus, "layers": self.layers, "criterion": self.criterion}
 
     # --- the pausing decision -------------------------------------------------------
@@ -167,9 +203,9 @@ class PaumerPolicy(Policy):
 
     def _random_like(self, pause: Tensor, candidates: Optional[Tensor]) -> Tensor:
         """As many pauses per image as ``pause`` has, at random candidate positions."""
-        g = torch.Generator(device="cpu").manual_seed(self.seed)
+        g = torch.Generator(device=pause.device).manual_seed(self.seed)  # on the device: no copy
         self.seed += 1
-        noise = torch.rand(pause.shape, generator=g).to(pause.device)
+        noise = torch.rand(pause.shape, generator=g, device=pause.device)
         if candidates is not None:
             noise = noise.masked_fill(~candidates, 2.0)  # ranked after every candidate: never chosen
         ranks = noise.argsort(1).argsort(1)
@@ -178,10 +214,10 @@ class PaumerPolicy(Policy):
     def _rows_grid_position(self, state: TokenState) -> Tensor:
         """(B, n) grid position of each active row (a pausing model never merges)."""
         B, n = state.x.shape[:2]
-        pos = torch.zeros(B, max(n, 1), dtype=torch.long, device=state.x.device)
+        pos = torch.zeros(B, n + 1, dtype=torch.long, device=state.x.device)
         grid = torch.arange(state.source.shape[1], device=state.x.device).expand_as(state.source)
-        alive = state.source >= 0
-        pos[alive.nonzero(as_tuple=True)[0], state.source[alive]] = grid[alive]
+        # parked positions write to a spare last column (a scatter: no host sync)
+        pos.scatter_(1, torch.where(state.source >= 0, state.source, n), grid)
         return pos[:, :n]
 
     # --- the hooks --------------------------------------------------------------------
@@ -205,6 +241,8 @@ class PaumerPolicy(Policy):
             return
         head = self.heads.head_at(index + 1)
         tau = self.taus[self.layers.index(index + 1)]
+        if self.criterion == "schedule":
+            tau = 1.0  # the schedule decides; the head still runs (and is priced)
         if tau <= 0.0 and not self.simulate:
             return  # no score is below 0: nothing can pause, so the head is not run (nor priced)
         logits = head(state.x)
@@ -216,9 +254,12 @@ class PaumerPolicy(Policy):
             self.active = self.active & ~pause
             return
         rows = self._rows_grid_position(state) if self.criterion == "oracle" else None
-        pause = self._pause(logits, tau, rows, state.valid)
-        if pause.any():
-            state.keep(~pause, layer=index + 1)
+        if self.criterion == "schedule":
+            stay = self.stay[self.layers.index(index + 1)]
+            pause = scheduled_selection(normalized_entropy(logits), state.valid, stay, state.source.shape[1], self.spread)
+        else:
+            pause = self._pause(logits, tau, rows, state.valid)
+        state.keep(~pause, layer=index + 1)  # its one host read; unchanged when none pauses
 
     def cost_probe(self, model, key: tuple, n: int):
         if key != ("head",):

@@ -181,7 +181,7 @@ class Segmenter(nn.Module):
         state = run_encoder(self.blocks, tokens, grid, policy, model=self)
         decode, out_size = policy.decodes(state), images.shape[-2:]
         if policy.unmerge == "after" and decode is None:  # decode the merged rows, then unmerge
-            if (state.source < 0).any() or state.valid is not None:
+            if state.any_left or state.valid is not None:  # host flags: no sync
                 raise ValueError("unmerge='after' needs every grid position in an active row of an unpadded batch")
             logits = self.decode_rows(state.x, state.size, state.source, grid, out_size)
             state.trace.decoder_rows = state.counts()
@@ -192,8 +192,10 @@ class Segmenter(nn.Module):
             logits = tokens.new_zeros(tokens.shape[0], self.num_classes, *out_size)
             if decode.any():
                 logits[decode] = self.decode(tokens[decode], grid, out_size)
-            state.trace.decoded = decode.cpu()
-        return policy.finish(logits, state), state
+            state.trace.decoded = decode
+        logits = policy.finish(logits, state)
+        state.trace.to_host()  # the forward's one read of its compute trace
+        return logits, state
 
     def forward(self, images: Tensor, policy: Optional[Policy] = None) -> Tensor:
         return self.forward_state(images, policy)[0]

@@ -1,0 +1,157 @@
+"""``bench speed``: time methods at any model and input size, without a dataset or a
+trained checkpoint.
+
+A randomly initialised model of the preset runs on random images of one size. Decisions
+that need trained heads are forced by a declared token schedule instead: per pausing
+(exit) layer, the share of the token grid that stays active, spread image to image so
+that batches are ragged (PAUMER's ``schedule`` criterion, early exit's ``stay``: the
+same policy code, gathers, batching and decoder as ``bench run``). ToMe takes its ``r``,
+static its scale. The baseline is timed in the same process, interleaved
+(``protocol.time_methods``), FLOPs per image come from ``FlopModel``, and one record per
+method goes to ``<results>/speed.jsonl`` (dataset ``speed``). Accuracy is not measured.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from bench.errors import BenchError
+from bench.flops import FlopModel
+from bench.protocol import EvalSettings, predict, speed_entry, time_methods
+from bench.results import SCHEMA_VERSION, ResultsStore
+from methods import early_exit, paumer, tome
+from methods.encoder import Policy
+from methods.segmenter import build_model
+
+DATASET = "speed"
+SPEED_METHODS = ("baseline", "paumer", "early-exit", "tome", "static")
+
+
+@dataclass
+class SpeedOptions:
+    model: str = "vit_small"
+    decoder: Optional[str] = None  # None: the preset's
+    size: int = 768  # square input, pixels
+    batch_sizes: list = field(default_factory=lambda: [1, 8])
+    methods: list = field(default_factory=lambda: ["paumer", "tome", "early-exit", "static"])
+    stay: Optional[list] = None  # share of the grid active after each pausing layer; None: default_stay
+    spread: float = 0.1  # image-to-image spread of the schedule
+    batching: str = "pad"
+    tome_r: Optional[int] = None  # None: half the largest constant r for this input
+    scale: float = 0.75  # static's input scale
+    num_classes: int = 19  # Cityscapes' (the decoder's class count changes its cost)
+    device: str = "cpu"
+    threads: int = 2
+    timing_images: int = 16
+    warmup: int = 2
+    repeats: int = 5
+    seed: int = 0
+    results: str = "results"
+    precision: str = "float32"
+    compile: bool = False
+
+
+def build_runs(opts: SpeedOptions, model) -> dict:
+    """name -> (model, policy, scale, knobs) for the baseline and every asked method."""
+    depth = model.depth
+    layers = paumer.default_layers(depth)
+    stay = opts.stay if opts.stay is not None else paumer.default_stay(len(layers))
+    tokens = model.grid_size(opts.size, opts.size)
+    tokens = tokens[0] * tokens[1]
+    runs = {"baseline": (model, Policy(), 1.0, {})}
+    for name in opts.methods:
+        if name not in SPEED_METHODS:
+            raise BenchError(f"bench speed times {', '.join(SPEED_METHODS)}; got {name!r}")
+        try:
+            if name == "paumer":
+                heads = paumer.PausingHeads(model.config.embed_dim, model.num_classes, layers).to(opts.device).eval()
+                policy = paumer.PaumerPolicy(heads, criterion="schedule", stay=stay, spread=opts.spread,
+                                             batching=opts.batching)
+                runs[name] = (model, policy, 1.0, {"stay": policy.stay, "spread": opts.spread, "batching": opts.batching})
+            elif name == "early-exit":
+                heads = paumer.PausingHeads(model.config.embed_dim, model.num_classes, layers).to(opts.device).eval()
+                policy = early_exit.EarlyExitPolicy(heads, stay=stay, spread=opts.spread, batching=opts.batching)
+                runs[name] = (model, policy, 1.0, {"stay": policy.stay, "spread": opts.spread, "batching": opts.batching})
+            elif name == "tome":
+                r = opts.tome_r if opts.tome_r is not None else tome.max_r(tokens, depth) // 2
+                runs[name] = (model, tome.ToMePolicy(depth, r=r), 1.0, {"r": r})
+            elif name == "static":
+                if not 0.0 < opts.scale <= 1.0:
+                    raise ValueError(f"scale must be in (0, 1], got {opts.scale}")
+                runs[name] = (model, Policy(), opts.scale, {"scale": opts.scale})
+        except ValueError as e:
+            raise BenchError(f"bench speed {name}: {e}") from None
+    return runs
+
+
+def identity(opts: SpeedOptions, name: str, knobs: dict, decoder: str) -> dict:
+    """A speed record's identity: what changes its numbers (``bench.results``)."""
+    return {"method": name, "knobs": knobs, "dataset": DATASET, "split": "random", "checkpoint": None,
+            "images": opts.timing_images, "device": opts.device, "precision": opts.precision,
+            "batch_sizes": sorted(opts.batch_sizes),
+            **({"compile": True} if opts.compile else {}),
+            "eval": {"mode": "whole", "model": opts.model, "decoder": decoder, "size": opts.size,
+                     "num_classes": opts.num_classes}}
+
+
+def run_speed(opts: SpeedOptions) -> list[dict]:
+    from bench.runner import environment
+
+    if opts.size < 1 or not opts.batch_sizes or min(opts.batch_sizes) < 1:
+        raise BenchError("--size and --batch-size values must be at least 1")
+    torch.set_num_threads(opts.threads)
+    torch.manual_seed(opts.seed)
+    store = ResultsStore(opts.results)
+    store.check_writable()
+    env = environment(opts.device, opts.threads)
+    try:
+        model = build_model(opts.num_classes, opts.model, **({"decoder": opts.decoder} if opts.decoder else {}))
+    except (TypeError, ValueError) as e:
+        raise BenchError(str(e)) from None
+    if opts.size % model.patch_size:
+        raise BenchError(f"--size {opts.size} is not a multiple of the patch size {model.patch_size}")
+    model = model.to(opts.device).eval()
+    decoder = model.config.decoder
+    runs = build_runs(opts, model)
+    g = torch.Generator().manual_seed(opts.seed)
+    images = torch.randint(0, 256, (opts.timing_images, 3, opts.size, opts.size), generator=g, dtype=torch.uint8)
+    settings = EvalSettings("whole", batch_size=max(opts.batch_sizes), device=opts.device)
+
+    flops = {}  # name -> (B,) per image, from one untimed pass at the largest batch
+    tokens = {}
+    with torch.inference_mode():
+        for name, (m, policy, scale, _) in runs.items():
+            parts = [predict(m, policy, chunk, settings, scale=scale, flop_model=FlopModel(m, policy))
+                     for chunk in images.split(settings.batch_size)]
+            flops[name] = torch.cat([p.flops for p in parts]).double() / 1e9
+            t = sum(p.tokens.sum(0) for p in parts)
+            tokens[name] = (t.double() / float(sum(p.full_tokens.sum() for p in parts))).tolist()
+    timed = {name: (m, policy, scale) for name, (m, policy, scale, _) in runs.items()}
+    speeds = {bs: time_methods(timed, images, settings, batch_size=bs, warmup=opts.warmup, repeats=opts.repeats)
+              for bs in sorted(set(opts.batch_sizes))}
+    base = flops["baseline"].mean().item()
+    records = []
+    for name, (_, policy, _, knobs) in runs.items():
+        g = flops[name]
+        records.append({
+            "schema_version": SCHEMA_VERSION,
+            **identity(opts, name, knobs, decoder),
+            "model": opts.model, "decoder": decoder, "size": opts.size,
+            "schedule": policy.describe() if name in ("paumer", "early-exit") else None,
+            "compile": opts.compile,
+            "gflops": {"mean": g.mean().item(), "std": g.std(unbiased=False).item(),
+                       "min": g.min().item(), "max": g.max().item()},
+            "gflops_ratio": g.mean().item() / base, "baseline_gflops": base,
+            "flops_unit": "GFLOPs (fvcore, MAC)",
+            "tokens_per_block": tokens[name],
+            "speed": {str(bs): speed_entry(t, name) for bs, t in speeds.items()},
+            "timing_images": opts.timing_images,
+            "seed": opts.seed,
+            **env,
+            "precision": opts.precision,
+        })
+    for record in records:
+        store.append(record, replace=True)  # a re-timing replaces the old one of the same identity
+    return records

@@ -1,0 +1,68 @@
+import json
+
+import pytest
+import torch
+
+from bench.errors import BenchError
+from bench.results import record_identity
+from bench.speed import SpeedOptions, run_speed
+from methods.paumer import PaumerModel, PaumerPolicy, scheduled_selection
+
+
+def test_scheduled_selection_keeps_the_declared_share_per_image_spread_across_the_batch():
+    scores = torch.rand(3, 20, generator=torch.Generator().manual_seed(0))
+    leave = scheduled_selection(scores, None, stay=0.5, grid_tokens=20, spread=0.2)
+    assert (20 - leave.sum(1)).tolist() == [6, 10, 14]  # 0.3, 0.5, 0.7 of the grid stay
+    # the leaving tokens are each image's lowest scores
+    for b in range(3):
+        k = int(leave[b].sum())
+        assert set(scores[b].argsort()[:k].tolist()) == set(leave[b].nonzero().flatten().tolist())
+
+
+def test_paumer_schedule_criterion_drives_a_real_ragged_forward(small_model):
+    model = PaumerModel(small_model, layers=[1, 2]).eval()
+    policy = PaumerPolicy(model.pausing, criterion="schedule", stay=[0.75, 0.5], spread=0.25, batching="packed")
+    with torch.inference_mode():
+        _, state = model.segmenter.forward_state(torch.randn(2, 3, 32, 32), policy)
+    # 16 tokens: image 0 keeps 0.5 then 0.25, image 1 keeps 1.0 then 0.75 of the grid
+    assert state.trace.tokens.tolist() == [[16, 8, 4, 4], [16, 16, 12, 12]]
+    with pytest.raises(ValueError, match="one fraction"):
+        PaumerPolicy(model.pausing, criterion="schedule", stay=[0.5])
+
+
+def test_bench_speed_writes_one_record_per_method_with_flops_and_speedups(tmp_path):
+    opts = SpeedOptions(model="tiny", size=32, batch_sizes=[1, 2], methods=["paumer", "tome", "static"],
+                        timing_images=2, warmup=0, repeats=1, results=str(tmp_path))
+    records = run_speed(opts)
+    assert [r["method"] for r in records] == ["baseline", "paumer", "tome", "static"]
+    by = {r["method"]: r for r in records}
+    assert by["baseline"]["gflops_ratio"] == 1.0 and by["paumer"]["gflops_ratio"] < 1.0
+    assert by["static"]["gflops_ratio"] < 0.7 and by["paumer"]["schedule"]["criterion"] == "schedule"
+    assert set(by["tome"]["speed"]) == {"1", "2"} and by["baseline"]["speed"]["1"]["speedup"] == 1.0
+    stored = [json.loads(line) for line in (tmp_path / "speed.jsonl").read_text().splitlines()]
+    assert len(stored) == 4
+    # size, model and compile are part of the identity: a 64-pixel run is another record
+    other = dict(stored[1], eval=dict(stored[1]["eval"], size=64))
+    assert record_identity(other) != record_identity(stored[1])
+    assert record_identity(dict(stored[1], compile=True)) != record_identity(stored[1])
+    run_speed(opts)  # timed again: replaced, not appended
+    assert len((tmp_path / "speed.jsonl").read_text().splitlines()) == 4
+
+
+def test_bench_speed_refuses_sizes_that_do_not_fit_the_patch(tmp_path):
+    with pytest.raises(BenchError, match="multiple of the patch"):
+        run_speed(SpeedOptions(model="tiny", size=30, methods=[], timing_images=1, results=str(tmp_path)))
+    with pytest.raises(BenchError, match="bench speed times"):
+        run_speed(SpeedOptions(model="tiny", size=32, methods=["algmx"], timing_images=1, results=str(tmp_path)))
+
+
+def test_report_tabulates_and_plots_speed_records(tmp_path):
+    from bench.report import report
+
+    run_speed(SpeedOptions(model="tiny", size=32, batch_sizes=[1], methods=["static"], timing_images=1,
+                           warmup=0, repeats=1, results=str(tmp_path / "res")))
+    written = {p.name for p in report(str(tmp_path / "res"), str(tmp_path / "rep"))}
+    assert {"speed.md", "speed.csv", "speed-speedup.png"} <= written
+    text = (tmp_path / "rep" / "speed.md").read_text()
+    rows = [line for line in text.splitlines() if "| static | scale=0.75 | 1 |" in line]
+    assert len(rows) == 1 and "| baseline | - | 1 |" in text

@@ -1,0 +1,73 @@
+"""Host-device synchronisations of the inference hot path, counted on the CPU.
+
+Every way the encoder could read a tensor's value on the host (``item``, ``tolist``,
+``cpu``, ``bool``/``int``/``float``, ``nonzero``, boolean-mask indexing) is wrapped and
+counted during one forward: a pausing or exit decision may read once (the new row
+count a gather needs), blocks never. The compute trace's one copy per forward
+(``ComputeTrace.to_host``) is no copy on the CPU, so it does not show here."""
+import pytest
+import torch
+
+from methods.early_exit import EarlyExitModel, EarlyExitPolicy
+from methods.paumer import PaumerModel, PaumerPolicy
+
+READS = ("item", "tolist", "cpu", "__bool__", "__int__", "__float__", "__index__", "nonzero")
+
+
+@pytest.fixture
+def host_reads(monkeypatch):
+    """A list that collects the name of every host read made while the test runs it."""
+    reads = []
+
+    def counting(name, original):
+        def wrapper(self, *args, **kwargs):
+            reads.append(name)
+            return original(self, *args, **kwargs)
+        return wrapper
+
+    for name in READS:
+        monkeypatch.setattr(torch.Tensor, name, counting(name, getattr(torch.Tensor, name)))
+
+    def masked(name, original):  # x[mask] / x[mask] = v: a nonzero on the mask, hence a sync
+        def wrapper(self, index, *rest):
+            if isinstance(index, torch.Tensor) and index.dtype == torch.bool:
+                reads.append(name)
+            return original(self, index, *rest)
+        return wrapper
+
+    for name in ("__getitem__", "__setitem__"):
+        monkeypatch.setattr(torch.Tensor, name, masked(name, getattr(torch.Tensor, name)))
+    return reads
+
+
+def _heads(model):
+    torch.manual_seed(1)
+    for head in getattr(model, model.heads_attr).heads:
+        torch.nn.init.normal_(head[1].weight, std=0.5)  # confident on some tokens, unsure on others
+    return model
+
+
+@pytest.mark.parametrize("batching", ["pad", "packed"])
+def test_a_paumer_forward_reads_the_host_once_per_pausing_layer(small_model, host_reads, batching):
+    model = _heads(PaumerModel(small_model, layers=[1, 2]).eval())
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    policy = PaumerPolicy(model.pausing, tau=0.3, batching=batching)
+    with torch.inference_mode():
+        host_reads.clear()
+        _, state = model.segmenter.forward_state(x, policy)
+        reads = list(host_reads)
+    counts = state.trace.tokens
+    assert (counts != counts[:1]).any(dim=0).sum() >= 2  # a ragged batch: the packed/padded paths ran
+    assert reads == ["tolist"] * 2  # one per pausing decision
+    assert state.trace.tokens.device.type == "cpu"
+
+
+def test_token_early_exit_reads_the_host_once_per_exit_layer(small_model, host_reads):
+    model = _heads(EarlyExitModel(small_model, layers=[1, 2]).eval())
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        host_reads.clear()
+        _, state = model.segmenter.forward_state(x, EarlyExitPolicy(model.heads, threshold=0.5))
+        reads = list(host_reads)
+    assert state.any_left  # tokens exited, so the paint ran too
+    assert reads == ["tolist"] * 2  # one per exit decision
