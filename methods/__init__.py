@@ -9,7 +9,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from methods import early_exit, paumer, references, tome
+from methods import algm, early_exit, paumer, references, tome
 from methods.encoder import Policy
 
 CONTROL = "baseline-ft"  # the equal-budget reference every fine-tuned method is also compared with
@@ -78,6 +78,11 @@ def _tome(model, r=0, schedule="constant", unmerge="after") -> Policy:
     return tome.ToMePolicy(getattr(model, "segmenter", model).depth, r=r, schedule=schedule, unmerge=unmerge)
 
 
+def _algm(model, threshold=0.88, layers=None, global_threshold=None, batching="pad", unmerge="after") -> Policy:
+    return algm.ALGMPolicy(getattr(model, "segmenter", model).depth, threshold=threshold, layers=layers,
+                           global_threshold=global_threshold, batching=batching, unmerge=unmerge)
+
+
 def _early_exit(trained, threshold=0.9, mode="token", batching="pad") -> Policy:
     if not isinstance(trained, early_exit.EarlyExitModel):
         raise ValueError("early-exit needs its fine-tuned checkpoint (EarlyExitModel)")
@@ -126,6 +131,14 @@ METHODS: dict[str, MethodSpec] = {
         tome.default_ops(256, 6),
         knob_types={"r": int, "schedule": str, "unmerge": str}, swept="r",
         default_ops_for=lambda depth, tokens: tome.default_ops(tokens, depth),
+    ),
+    "algm": MethodSpec(
+        "algm", "adaptive local (2x2 windows) then global token merging (ALGM), unmerged after the decoder", _algm,
+        # the local window threshold, from merging no window (> 1) to merging every window (-1)
+        [{"threshold": t} for t in algm.DEFAULT_THRESHOLDS],
+        knob_types={"threshold": float, "layers": [int], "global_threshold": float, "batching": str,
+                    "unmerge": str},
+        swept="threshold",
     ),
     "early-exit": MethodSpec(
         "early-exit", "confident tokens (mode=token) or images (mode=image) exit with an intermediate head's label",
