@@ -9,7 +9,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from methods import early_exit, paumer, references, tome
+from methods import algm, early_exit, paumer, references, tome
 from methods.encoder import BATCHINGS, Policy
 
 CONTROL = "baseline-ft"  # the equal-budget reference every fine-tuned method is also compared with
@@ -80,6 +80,11 @@ def _tome(model, r=0, schedule="constant", unmerge="after") -> Policy:
     return tome.ToMePolicy(getattr(model, "segmenter", model).depth, r=r, schedule=schedule, unmerge=unmerge)
 
 
+def _algm(model, threshold=0.88, layers=None, global_threshold=None, batching="pad", unmerge="after") -> Policy:
+    return algm.ALGMPolicy(getattr(model, "segmenter", model).depth, threshold=threshold, layers=layers,
+                           global_threshold=global_threshold, batching=batching, unmerge=unmerge)
+
+
 def _early_exit(trained, threshold=0.9, mode="token", batching="pad") -> Policy:
     if not isinstance(trained, early_exit.EarlyExitModel):
         raise ValueError("early-exit needs its fine-tuned checkpoint (EarlyExitModel)")
@@ -138,6 +143,20 @@ METHODS: dict[str, MethodSpec] = {
         knob_choices={"schedule": tome.SCHEDULES, "unmerge": tome.UNMERGE},
         knob_help={"r": "tokens merged per block, >= 0 and at most half the block's tokens",
                    "schedule": "r in every block, or ToMe's decreasing schedule (default constant)",
+                   "unmerge": "copy merged tokens back to their patches before or after the decoder (default after)"},
+    ),
+    "algm": MethodSpec(
+        "algm", "adaptive local (2x2 windows) then global token merging (ALGM), unmerged after the decoder", _algm,
+        # the local window threshold, from merging no window (> 1) to merging every window (-1)
+        [{"threshold": t} for t in algm.DEFAULT_THRESHOLDS],
+        knob_types={"threshold": float, "layers": [int], "global_threshold": float, "batching": str,
+                    "unmerge": str},
+        swept="threshold",
+        knob_choices={"batching": BATCHINGS, "unmerge": tome.UNMERGE},
+        knob_help={"threshold": "a 2x2 window merges when its tokens' mean cosine similarity is at least this",
+                   "layers": "the local-merge layer, then the global-merge layer(s)",
+                   "global_threshold": "a fixed similarity for the global merge (default: adaptive, mean + std / layer)",
+                   "batching": "how a ragged batch runs (default pad)",
                    "unmerge": "copy merged tokens back to their patches before or after the decoder (default after)"},
     ),
     "early-exit": MethodSpec(

@@ -65,8 +65,8 @@ class LinearDecoder(nn.Module):
         super().__init__()
         self.head = nn.Linear(dim, num_classes)
 
-    def forward(self, x: Tensor, size: Optional[Tensor] = None) -> Tensor:  # (B, N, D) -> (B, N, C)
-        return self.head(x)  # per token: a row's size changes nothing
+    def forward(self, x: Tensor, size: Optional[Tensor] = None, valid: Optional[Tensor] = None) -> Tensor:
+        return self.head(x)  # (B, N, D) -> (B, N, C) per token: a row's size or padding changes nothing
 
 
 class MaskTransformer(nn.Module):
@@ -91,16 +91,21 @@ class MaskTransformer(nn.Module):
         self.mask_norm = nn.LayerNorm(num_classes)
         trunc_normal_(self.cls_emb, std=0.02)
 
-    def forward(self, x: Tensor, size: Optional[Tensor] = None) -> Tensor:  # (B, N, D) -> (B, N, C)
-        """``size`` (B, N): how many patches each row stands for (merged tokens); attention
-        is then proportional (log size added to the keys' logits), so a row weighs as that
-        many copies of it would."""
+    def forward(self, x: Tensor, size: Optional[Tensor] = None, valid: Optional[Tensor] = None) -> Tensor:
+        """(B, N, D) -> (B, N, C). ``size`` (B, N): how many patches each row stands for
+        (merged tokens); attention is then proportional (log size added to the keys'
+        logits), so a row weighs as that many copies of it would. ``valid`` (B, N): the
+        real rows of a padded batch; padded rows are hidden from attention."""
         x = self.proj_dec(x)
         x = torch.cat([x, self.cls_emb.expand(x.shape[0], -1, -1)], dim=1)
         mask = None
         if size is not None:
             mask = torch.cat([size.log(), size.new_zeros(size.shape[0], self.num_classes)], 1)
             mask = mask.to(x.dtype)[:, None, None, :]
+        if valid is not None:
+            hidden = torch.cat([~valid, valid.new_zeros(valid.shape[0], self.num_classes)], 1)[:, None, None, :]
+            mask = torch.zeros(hidden.shape, dtype=x.dtype, device=x.device) if mask is None else mask
+            mask = mask.masked_fill(hidden, float("-inf"))
         for block in self.blocks:
             x = block(x, attn_mask=mask)
         x = self.decoder_norm(x)
@@ -159,12 +164,13 @@ class Segmenter(nn.Module):
         return self._to_pixels(self.decoder(self.norm(tokens)), grid, out_size)
 
     def decode_rows(self, rows: Tensor, size: Optional[Tensor], source: Tensor, grid: tuple[int, int],
-                    out_size: tuple[int, int]) -> Tensor:
+                    out_size: tuple[int, int], valid: Optional[Tensor] = None) -> Tensor:
         """Merged rows (B, n, D), row i of image b standing for ``size[b, i]`` patches (None:
         one each) -> logits (B, C, H, W). The decoder runs on the rows, then every grid
         position takes its row's logits (``source`` (B, N): the row of each position). The
-        same output as decoding the unmerged grid, on n rows instead of N."""
-        logits = self.decoder(self.norm(rows), size)
+        same output as decoding the unmerged grid, on n rows instead of N. ``valid`` (B, n):
+        the real rows when images keep different numbers of rows (padding is ignored)."""
+        logits = self.decoder(self.norm(rows), size, valid)
         logits = logits.gather(1, source[..., None].expand(-1, -1, logits.shape[-1]))
         return self._to_pixels(logits, grid, out_size)
 
@@ -181,9 +187,10 @@ class Segmenter(nn.Module):
         state = run_encoder(self.blocks, tokens, grid, policy, model=self)
         decode, out_size = policy.decodes(state), images.shape[-2:]
         if policy.unmerge == "after" and decode is None:  # decode the merged rows, then unmerge
-            if state.any_left or state.valid is not None:  # host flags: no sync
-                raise ValueError("unmerge='after' needs every grid position in an active row of an unpadded batch")
-            logits = self.decode_rows(state.x, state.size, state.source, grid, out_size)
+            if state.any_left:  # a host flag: no sync
+                raise ValueError("unmerge='after' needs every grid position in an active row")
+            size = state.size if getattr(policy, "prop_attn", True) else None  # ALGM's decoder ignores sizes
+            logits = self.decode_rows(state.x, size, state.source, grid, out_size, state.valid)
             state.trace.decoder_rows = state.counts()
         elif decode is None:
             logits = self.decode(state.to_grid(), grid, out_size)

@@ -1,0 +1,260 @@
+"""ALGM: adaptive local-then-global token merging (Norouzi et al., CVPR 2024), as in its
+public code for Segmenter (tue-mps/algm-segmenter).
+
+Merging happens inside a few *selected layers* (1-based, the reference's
+``selected_layers``), between the attention residual and the MLP, on the block's tokens
+themselves (the residual stream, not the attention keys):
+
+1. local, in the first selected layer: the grid is cut into 2x2 windows; a window whose
+   mean pairwise cosine similarity (the 12 off-diagonal pairs) is at least ``threshold``
+   becomes one token, the average of its four;
+2. global, in every later selected layer: ToMe's bipartite matching (A = even rows,
+   B = odd rows, every A token's most similar B token), but every A token whose best
+   similarity is at least mean + std / layer of the image's best similarities merges
+   into its match (``global_threshold`` fixes that threshold instead).
+
+So how many tokens merge depends on the image. Merged rows are size-weighted averages
+(``state.size``); attention is *not* proportional to the sizes, in the encoder or the
+mask decoder (the reference passes no sizes to either). The decoder runs on the merged
+rows and every patch takes its row's masks (``unmerge='after'``, as the reference does).
+Training-free: it runs on the baseline's weights.
+
+Differences from the reference, all because of how our harness batches:
+ - the reference takes the *smallest* merge count over the batch (and the global
+   threshold's statistics over the batch) so that shapes stay fixed; here every image
+   merges its own count (the reference at batch size 1) and batches become ragged, run
+   with padding or packed like the other adaptive methods (``batching``);
+ - our model has no class token, so the global statistics are over every A token (the
+   reference skips row 0, its class token);
+ - grids with an odd side keep the last row / column out of the windows (the reference
+   refuses them).
+
+Default layers: the reference uses layers 1 and 5 of 12. Local merging stays in layer 1;
+the global layer keeps the share of blocks before it: 1 + round(4 * depth / 12), i.e.
+layer 3 of our 6-block ``tiny``, and its threshold divides the std by that layer number.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from methods.encoder import Policy, TokenState, check_batching
+
+WINDOW = 2  # the reference's merging window, 2 x 2
+UNMERGE = ("before", "after")
+# the swept local threshold: > 1 merges no window, -1 every window (tiny on synthetic: about
+# 0.83 down to 0.26 of the full model's FLOPs; the adaptive global merge always runs)
+DEFAULT_THRESHOLDS = (1.01, 0.98, 0.95, 0.9, 0.88, 0.85, 0.8, 0.7, 0.5, 0.3, 0.0, -1.0)
+
+
+def default_layers(depth: int) -> list[int]:
+    """The reference's layers 1 and 5 of 12, scaled to ``depth`` blocks: [1, 1 + round(4 depth / 12)]."""
+    return [1, max(2, 1 + round(4 * depth / 12))] if depth >= 2 else [1]
+
+
+def check_layers(layers: Sequence[int], depth: int) -> list[int]:
+    layers = list(layers)
+    if (not layers or any(isinstance(v, bool) or not isinstance(v, int) for v in layers)
+            or any(b <= a for a, b in zip(layers, layers[1:])) or layers[0] < 1 or layers[-1] > depth):
+        raise ValueError(f"layers must be increasing 1-based layer numbers in 1..{depth}, got {layers!r}")
+    return layers
+
+
+def windows_of(x: Tensor, grid: tuple[int, int]) -> Tensor:
+    """Tokens (B, gh * gw, D) in grid order -> the 2x2 windows (B, W, 4, D), each window's
+    tokens in row-major order (index 3 = bottom right); an odd last row / column is left out."""
+    B, _, D = x.shape
+    gh, gw = grid
+    wh, ww = gh // WINDOW, gw // WINDOW
+    x = x.reshape(B, gh, gw, D)[:, : wh * WINDOW, : ww * WINDOW]
+    return x.reshape(B, wh, WINDOW, ww, WINDOW, D).permute(0, 1, 3, 2, 4, 5).reshape(B, wh * ww, WINDOW**2, D)
+
+
+def window_similarity(windows: Tensor) -> Tensor:
+    """(B, W, k, D) -> (B, W): mean cosine similarity of the k (k - 1) ordered pairs of
+    distinct tokens in each window (the reference's ``similarity_map``)."""
+    k = windows.shape[-2]
+    unit = F.normalize(windows, dim=-1)
+    sims = unit @ unit.transpose(-1, -2)
+    off_diagonal = 1 - torch.eye(k, dtype=sims.dtype, device=sims.device)
+    return (sims * off_diagonal).sum((-1, -2)) / (k * (k - 1))
+
+
+def local_merge_plan(x: Tensor, grid: tuple[int, int], threshold: float) -> tuple[Tensor, Tensor]:
+    """Which row each token of ``x`` (B, N, D), in grid order, goes to: ``dest`` (B, N), and
+    the rows per image (B,). Windows with ``window_similarity >= threshold`` become one row
+    each, most similar window first; the other tokens follow in grid order (the
+    reference's order)."""
+    B, N, _ = x.shape
+    gh, gw = grid
+    sim = window_similarity(windows_of(x, grid))  # (B, W)
+    W = sim.shape[1]
+    merged = sim >= threshold
+    r = merged.sum(1)  # windows merged per image
+    rank = sim.argsort(dim=1, descending=True, stable=True).argsort(1)  # 0 = most similar window
+    # grid position -> its window (or -1 outside the windows)
+    wh, ww = gh // WINDOW, gw // WINDOW
+    rows, cols = torch.arange(gh, device=x.device), torch.arange(gw, device=x.device)
+    inside = (rows[:, None] < wh * WINDOW) & (cols[None, :] < ww * WINDOW)
+    window = torch.where(inside, (rows[:, None] // WINDOW) * ww + cols[None, :] // WINDOW, -1).reshape(N)
+    token_merged = merged[:, window.clamp(min=0)] & (window >= 0)  # (B, N)
+    unmerged_rank = (~token_merged).long().cumsum(1) - 1
+    dest = torch.where(token_merged, rank[:, window.clamp(min=0)], r[:, None] + unmerged_rank)
+    assert W == wh * ww
+    return dest, N - (WINDOW**2 - 1) * r
+
+
+def bipartite_scores(metric: Tensor) -> Tensor:
+    """Cosine similarities (B, |A|, |B|) of the even rows (A) to the odd rows (B)."""
+    metric = F.normalize(metric, dim=-1)
+    return metric[:, ::2] @ metric[:, 1::2].transpose(1, 2)
+
+
+def global_merge_plan(x: Tensor, valid: Optional[Tensor], layer: int,
+                      threshold: Optional[float] = None) -> tuple[Tensor, Tensor]:
+    """ALGM's global merging on ``x`` (B, n, D), real rows first (``valid``; None: all):
+    ``dest`` (B, n) and the rows per image (B,). Every A token whose best B similarity is
+    at least the threshold merges into that B token; the threshold is ``threshold`` or,
+    per image, mean + std / ``layer`` of the A tokens' best similarities. Rows come in the
+    reference's order: unmerged A tokens (most similar first), then every B token.
+    Padded rows go to row ``n`` (a row past the end, dropped)."""
+    B, n, _ = x.shape
+    if valid is None:
+        valid = torch.ones(B, n, dtype=torch.bool, device=x.device)
+    a_valid, b_valid = valid[:, ::2], valid[:, 1::2]
+    scores = bipartite_scores(x).masked_fill(~b_valid[:, None, :], float("-inf"))
+    best, match = scores.max(-1)  # (B, |A|)
+    real = a_valid & (best > float("-inf"))  # A tokens that have some B token to merge into
+    if threshold is None:
+        count = real.sum(1, keepdim=True)
+        filled = torch.where(real, best, 0.0)
+        mean = filled.sum(1, keepdim=True) / count.clamp(min=1)
+        var = (torch.where(real, best - mean, 0.0) ** 2).sum(1, keepdim=True) / (count - 1).clamp(min=1)
+        # std is unbiased (torch's default in the reference); one A token: no merge
+        cut = torch.where(count > 1, mean + var.sqrt() / layer, float("inf"))
+    else:
+        cut = torch.full((B, 1), float(threshold), dtype=best.dtype, device=x.device)
+    merges = real & (best >= cut)
+    r = merges.sum(1)
+    order_key = torch.where(a_valid, best, float("-inf"))
+    rank = order_key.argsort(dim=1, descending=True, stable=True).argsort(1)
+    kept_a = a_valid.sum(1) - r  # unmerged A tokens per image
+    dest = torch.full((B, n), n, dtype=torch.long, device=x.device)
+    dest[:, ::2] = torch.where(merges, kept_a[:, None] + match, rank - r[:, None])
+    dest[:, 1::2] = kept_a[:, None] + torch.arange(b_valid.shape[1], device=x.device)
+    dest = torch.where(valid, dest, n)
+    return dest, valid.sum(1) - r
+
+
+def merge_rows(x: Tensor, dest: Tensor, size: Optional[Tensor], valid: Optional[Tensor],
+               counts: Tensor) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """Rows of ``x`` (B, n, D) with the same ``dest`` become their size-weighted average;
+    image b keeps ``counts[b]`` rows, padded after. ``dest == n`` drops a row. Returns the
+    rows, their sizes (0 on padding) and ``valid`` (None when no image is padded)."""
+    B, n, D = x.shape
+    n_out = int(counts.max())
+    if size is None:
+        size = x.new_ones(B, n)
+    if valid is not None:
+        size = size * valid
+    dest = dest.clamp(max=n_out)  # dropped rows land on the extra row n_out
+    total = x.new_zeros(B, n_out + 1, D).scatter_add_(1, dest[..., None].expand(B, n, D), x * size[..., None])
+    new_size = size.new_zeros(B, n_out + 1).scatter_add_(1, dest, size)
+    total, new_size = total[:, :n_out], new_size[:, :n_out]
+    rows = torch.arange(n_out, device=x.device).expand(B, n_out)
+    new_valid = None if bool((counts == n_out).all()) else rows < counts[:, None].to(x.device)
+    return total / new_size.clamp(min=1)[..., None], new_size, new_valid
+
+
+def attention_residual(block: nn.Module, x: Tensor, valid: Optional[Tensor], batching: str) -> Tensor:
+    """The first half of timm's ``Block.forward``: x + attention(norm1(x)), on the real rows
+    (``valid``) by a key-padding mask ("pad") or image by image ("packed")."""
+    if valid is None or batching == "pad":
+        mask = None if valid is None else valid[:, None, None, :]
+        return x + block.drop_path1(block.ls1(block.attn(block.norm1(x), attn_mask=mask)))
+    attn = block.attn  # packed: as methods.encoder.packed_block, attention half only
+    rows = x[valid]
+    T = rows.shape[0]
+    qkv = attn.qkv(block.norm1(rows)).reshape(T, 3, attn.num_heads, attn.head_dim).permute(1, 2, 0, 3)
+    q, k, v = qkv.unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    segments = valid.sum(1).tolist()
+    out = torch.cat([F.scaled_dot_product_attention(qs, ks, vs)
+                     for qs, ks, vs in zip(q.split(segments, 1), k.split(segments, 1), v.split(segments, 1))], 1)
+    out = attn.proj(attn.norm(out.transpose(0, 1).reshape(T, attn.attn_dim)))
+    result = torch.zeros_like(x)
+    result[valid] = rows + block.drop_path1(block.ls1(out))
+    return result
+
+
+def mlp_residual(block: nn.Module, x: Tensor, valid: Optional[Tensor], batching: str) -> Tensor:
+    """The second half of timm's ``Block.forward``: x + mlp(norm2(x)), per row."""
+    if valid is None or batching == "pad":
+        return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+    rows = x[valid]
+    result = torch.zeros_like(x)
+    result[valid] = rows + block.drop_path2(block.ls2(block.mlp(block.norm2(rows))))
+    return result
+
+
+class ALGMPolicy(Policy):
+    """Local merging in ``layers[0]``, global merging in every later layer of ``layers``."""
+
+    name = "algm"
+    unmerge = "after"
+    prop_attn = False  # the reference's attention ignores the token sizes (decoder too)
+
+    def __init__(self, depth: int, threshold: float = 0.88, layers: Optional[Sequence[int]] = None,
+                 global_threshold: Optional[float] = None, batching: str = "pad", unmerge: str = "after"):
+        if unmerge not in UNMERGE:
+            raise ValueError(f"unknown unmerge {unmerge!r}; expected 'before' or 'after' (the decoder)")
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+            raise ValueError(f"threshold must be a number, got {threshold!r}")
+        if global_threshold is not None and (isinstance(global_threshold, bool)
+                                             or not isinstance(global_threshold, (int, float))):
+            raise ValueError(f"global_threshold must be a number or None, got {global_threshold!r}")
+        self.layers = check_layers(default_layers(depth) if layers is None else layers, depth)
+        self.threshold, self.global_threshold = float(threshold), global_threshold
+        self.batching, self.unmerge = check_batching(batching), unmerge
+
+    def describe(self) -> dict:
+        return {"threshold": self.threshold, "layers": self.layers, "global_threshold": self.global_threshold,
+                "batching": self.batching, "unmerge": self.unmerge}
+
+    def run_block(self, index: int, block, state: TokenState) -> None:
+        layer = index + 1
+        if layer not in self.layers:
+            return super().run_block(index, block, state)
+        counts = state.counts()
+        x = attention_residual(block, state.x, state.valid, self.batching)
+        if layer == self.layers[0]:  # nothing merged before: rows are the grid, in order
+            dest, kept = local_merge_plan(x, state.grid, self.threshold)
+            gh, gw = state.grid
+            decide = ("algm_local", (gh // WINDOW) * (gw // WINDOW))
+        else:
+            dest, kept = global_merge_plan(x, state.valid, layer, self.global_threshold)
+            decide = ("algm_global",)
+        if bool((kept != counts.to(kept.device)).any()):  # no merge anywhere: rows keep their order
+            x, state.size, state.valid = merge_rows(x, dest, state.size, state.valid, kept)
+            state.source = dest.gather(1, state.source)  # ALGM parks nothing: every position has a row
+        state.x = mlp_residual(block, x, state.valid, self.batching)
+        state.trace.add(("algm_attention",), counts)
+        state.trace.add(decide, counts)
+        state.trace.add(("algm_mlp",), state.counts())
+
+    def cost_probe(self, model, key: tuple, n: int):
+        p = next(model.parameters())
+        D = model.config.embed_dim
+        block = model.blocks[0]  # every block has the same shape
+        if key == ("algm_attention",):
+            return (lambda x: attention_residual(block, x, None, "pad")), (p.new_zeros(1, n, D),)
+        if key == ("algm_mlp",):
+            return (lambda x: mlp_residual(block, x, None, "pad")), (p.new_zeros(1, n, D),)
+        if key[0] == "algm_local":  # priced by its windows: the grid decides them, not n
+            return window_similarity, (p.new_zeros(1, key[1], WINDOW**2, D),)
+        if key == ("algm_global",):
+            return bipartite_scores, (p.new_zeros(1, n, D),)
+        return super().cost_probe(model, key, n)
