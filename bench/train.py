@@ -240,8 +240,12 @@ class TrainingLog:
                  "step_time_s": (now - self.since) / len(self.losses)}
         self.losses, self.since = [], now
         if self.enabled:
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(entry) + "\n")
+            try:  # the first line may come before the first checkpoint made the folder
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                with open(self.path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(entry) + "\n")
+            except OSError as e:
+                raise BenchError(f"cannot write the training log {self.path}: {e.strerror or e}") from None
 
 
 def default_loss(model, images: Tensor, labels: Tensor) -> Tensor:
