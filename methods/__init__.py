@@ -130,7 +130,7 @@ METHODS: dict[str, MethodSpec] = {
         map_ops=[{"tau": 0.1}, {"tau": 0.3}], swept="tau",
         knob_choices={"criterion": paumer.CRITERIA, "batching": BATCHINGS},
         knob_help={"tau": "pause below this score, in [0, 1]; one value, or one per pausing layer",
-                   "criterion": "the score a patch pauses on (default entropy)",
+                   "criterion": "the score a patch pauses on (default entropy; schedule: forced shares, for bench speed)",
                    "layers": "pausing layers used, a subset of the trained ones (default all)",
                    "batching": "how a ragged batch runs (default pad)"},
     ),

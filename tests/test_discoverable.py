@@ -24,7 +24,7 @@ def test_methods_lists_each_method_with_its_knobs_choices_and_sweep(capsys):
     sections = out.split("\n" + "paumer:")[1].split("\ntome:")[0]
     assert "fine-tuned from the baseline" in sections
     assert "knob tau (float)" in sections and "knob layers (list of int)" in sections
-    assert "knob criterion (str, one of: entropy, confidence, random, oracle)" in sections
+    assert "knob criterion (str, one of: entropy, confidence, random, oracle, schedule)" in sections
     assert "default sweep (varies tau): tau=0.0, tau=0.05" in sections
     tome = out.split("\ntome:")[1].split("\nearly-exit:")[0]
     assert "weights: the baseline's" in tome and "schedule (str, one of: constant, decreasing)" in tome

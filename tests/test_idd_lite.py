@@ -106,7 +106,7 @@ def test_datasets_command_lists_it_with_counts(tmp_path, capsys, monkeypatch):
     main(["datasets", "--data-root", str(tmp_path / "idd"), "--dataset", "idd-lite"])
     line = capsys.readouterr().out.splitlines()[0]
     assert line.split()[:3] == ["idd-lite", "found", str(tmp_path / "idd")]
-    assert "train 3, val 1" in line and "$IDD_LITE_DATASET" in line
+    assert "train 3, val 1" in line and "(--data-root)" in line
     main(["datasets", "--data-root", str(tmp_path / "nowhere")])
     out = capsys.readouterr().out
     assert "idd-lite   missing" in out and "idd20k_lite/leftImg8bit/<split>/<sequence>/*_image.jpg" in out
