@@ -552,9 +552,32 @@ def training_logs(records: list[dict], checkpoints: Path, labels: dict[str, str]
         trained = [r["method"]] if own else ["baseline"] if "baseline_checkpoint" in r else [r["method"], "baseline"]
         for method in trained:
             path = checkpoints / r["dataset"] / f"{method}-{model}-{config_hash}.log.jsonl"
-            if path.is_file() and path not in found:
-                found[path] = f"{method} ({_short(labels[group_key(r)])})" if several else method
+            # the same configuration trained elsewhere (another machine's rounding) has other
+            # weights: draw a log only next to the checkpoint whose weights the row names
+            weights = r.get("baseline_checkpoint", r.get("checkpoint")) if method == "baseline" else r.get("checkpoint")
+            if path.is_file() and path not in found and _checkpoint_weights(path) == weights:
+                name = f"{method} {op_label(_training_knobs(method, r['knobs']))}".rstrip(" -")  # shallow depth=2
+                found[path] = f"{name} ({_short(labels[group_key(r)])})" if several else name
     return sorted(((label, path) for path, label in found.items()), key=lambda item: (item[0], str(item[1])))
+
+
+def _checkpoint_weights(log: Path) -> Optional[str]:
+    """The weights hash stored in the checkpoint next to a training log (None: none there)."""
+    import torch
+
+    path = log.with_name(log.name[: -len(".log.jsonl")] + ".pt")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("weights")
+    except Exception:  # noqa: BLE001 (missing or unreadable: the log cannot be matched to the row)
+        return None
+
+
+def _training_knobs(method: str, knobs: dict) -> dict:
+    """The knobs of an operating point that pick its checkpoint (shallow's depth)."""
+    from methods import all_methods
+
+    ft = getattr(all_methods().get(method), "fine_tune", None)
+    return {k: knobs[k] for k in (ft.op_knobs if ft else ()) if k in knobs}
 
 
 def read_training_log(path: Path) -> pd.DataFrame:

@@ -1,5 +1,6 @@
 import pandas as pd
 import pytest
+import torch
 
 from bench.errors import BenchError
 from bench.report import pareto_front, report
@@ -305,6 +306,8 @@ def test_training_curves_are_drawn_from_the_logs_next_to_the_checkpoints(tmp_pat
     lines = [{"step": s, "loss": 2.0 / s, "lr": 1e-3, "step_time_s": 0.1} for s in (1, 2, 3)]
     (logs / "baseline-tiny-h-baseline-b1.log.jsonl").write_text("".join(json.dumps(l) + "\n" for l in lines))
     (logs / "paumer-tiny-h-paumer-b1.log.jsonl").write_text(json.dumps(lines[0]) + "\n{cut off")
+    torch.save({"weights": "paumer-b1"}, logs / "paumer-tiny-h-paumer-b1.pt")
+    torch.save({"weights": "b1"}, logs / "baseline-tiny-h-baseline-b1.pt")
     written = {p.name for p in report(res, str(tmp_path / "out"), checkpoints=str(tmp_path / "ck"))}
     assert {"toy-training.png", "toy-training.svg", "toy-training.pdf"} <= written
     from bench.report import group_labels, read_training_log, training_logs
@@ -312,6 +315,9 @@ def test_training_curves_are_drawn_from_the_logs_next_to_the_checkpoints(tmp_pat
     found = training_logs(records, tmp_path / "ck", group_labels(records))
     assert [label for label, _ in found] == ["baseline", "paumer"]
     assert read_training_log(found[1][1])["step"].tolist() == [1]  # the cut-off line is left out
+    # the same configuration trained elsewhere has other weights: its log is not this row's
+    torch.save({"weights": "other"}, logs / "paumer-tiny-h-paumer-b1.pt")
+    assert [label for label, _ in training_logs(records, tmp_path / "ck", group_labels(records))] == ["baseline"]
 
 
 def test_resumed_training_log_keeps_the_last_entry_of_a_step(tmp_path):
@@ -326,3 +332,17 @@ def test_width_must_be_column_or_text(tmp_path):
     res = store(tmp_path, [full_record("baseline", {}, 0.6, 2.0)])
     with pytest.raises(BenchError, match="expected one of: column, text"):
         report(res, str(tmp_path / "out"), width="wide")
+
+
+def test_training_curves_of_one_method_with_several_checkpoints_are_told_apart(tmp_path):
+    from bench.report import group_labels, training_logs
+
+    records = [dict(full_record("shallow", {"depth": d}, 0.6, d / 3), checkpoint=f"s{d}",
+                    train={"steps": 10, "config_hash": f"h{d}"}) for d in (2, 3)]
+    logs = tmp_path / "ck" / "toy"
+    logs.mkdir(parents=True)
+    for d in (2, 3):
+        (logs / f"shallow-tiny-h{d}.log.jsonl").write_text(json.dumps({"step": 1, "loss": 1.0}) + "\n")
+        torch.save({"weights": f"s{d}"}, logs / f"shallow-tiny-h{d}.pt")
+    found = training_logs(records, tmp_path / "ck", group_labels(records))
+    assert [label for label, _ in found] == ["shallow depth=2", "shallow depth=3"]
