@@ -227,11 +227,16 @@ def fine_tune(opts: RunOptions, method: MethodSpec, spec: datasets.DatasetSpec, 
     return train_checkpoint(opts, cfg, model=trainable, loss_fn=loss)
 
 
-def _model_depth(cfg: TrainConfig) -> int:
+def _model_config(cfg: TrainConfig):
+    """The model shape ``cfg`` trains; a bad preset or override is a one-line error."""
     try:
-        return model_config(cfg.model, **cfg.model_overrides).depth
+        return model_config(cfg.model, **cfg.model_overrides)
     except (TypeError, ValueError) as e:
         raise BenchError(str(e)) from None
+
+
+def _model_depth(cfg: TrainConfig) -> int:
+    return _model_config(cfg).depth
 
 
 def eval_tokens(spec: datasets.DatasetSpec, patch_size: int, val) -> int:
@@ -254,11 +259,7 @@ def operating_points(opts: RunOptions, method: MethodSpec, spec: datasets.Datase
         return list(opts.ops)
     if method.default_ops_for is None:
         return list(method.default_ops)
-    cfg = train_config(opts, spec)
-    try:
-        config = model_config(cfg.model, **cfg.model_overrides)
-    except (TypeError, ValueError) as e:
-        raise BenchError(str(e)) from None
+    config = _model_config(train_config(opts, spec))
     val = val if val is not None else datasets.open_dataset(opts.dataset, spec.preset.val_split, opts.data_root)
     return method.sweep(config.depth, eval_tokens(spec, config.patch_size, val))
 
