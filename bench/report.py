@@ -76,6 +76,11 @@ def record_problem(r: dict) -> Optional[str]:
         return f"field 'method' is {_kind(r['method'])}, expected a string"
     if not isinstance(r["knobs"], dict):
         return f"field 'knobs' is {_kind(r['knobs'])}, expected an object"
+    if "study" in r:  # scripts/depth_study.py: accuracy only (study_report)
+        settings = r["study"]
+        if not isinstance(settings, dict) or not all(_is_number(settings.get(k)) for k in ("depth", "steps")):
+            return "field 'study' lacks a numeric 'depth' or 'steps'"
+        return _number_problem(r, "miou", "miou", required=True)
     if r["dataset"] == "speed":  # `bench speed`: no accuracy (speed_report)
         return _number_problem(r, "gflops_ratio", "gflops_ratio", required=True) or (
             None if isinstance(r.get("speed"), dict) else "lacks field 'speed'")
@@ -679,6 +684,64 @@ def speed_report(records: list[dict], out_dir: Path, width: str = "text") -> lis
     return files
 
 
+def study_table(records: list[dict]) -> pd.DataFrame:
+    """Depth-study records (scripts/depth_study.py): one row per training setting and
+    budget, the mIoU and GFLOPs of every depth, and the deepest minus the shallowest."""
+    rows = {}
+    for r in records:
+        study = r["study"]
+        other = ", ".join(f"{k} {v}" for k, v in sorted(study.items()) if k not in ("depth", "steps"))
+        row = rows.setdefault((r.get("model"), other, int(study["steps"])),
+                              {"model": r.get("model"), "setting": other, "steps": int(study["steps"])})
+        row[f"mIoU d{study['depth']}"] = 100 * r["miou"]
+        row[f"GFLOPs d{study['depth']}"] = r.get("gflops", {}).get("mean")
+        row[f"train s d{study['depth']}"] = r.get("train", {}).get("seconds")
+    df = pd.DataFrame([rows[k] for k in sorted(rows, key=lambda k: (str(k[0]), k[1], k[2]))])
+    depths = sorted({int(r["study"]["depth"]) for r in records})
+    if len(depths) > 1:
+        df[f"gap d{depths[-1]}-d{depths[0]}"] = df[f"mIoU d{depths[-1]}"] - df[f"mIoU d{depths[0]}"]
+    return df
+
+
+def study_report(records: list[dict], dataset: str, out_dir: Path, width: str = "text") -> list[Path]:
+    """The depth study: a table (Markdown, CSV) and mIoU against the training budget,
+    one line per depth (and per other training setting)."""
+    df = study_table(records)
+    md = [f"# {dataset}: depth against training budget", "",
+          "`scripts/depth_study.py`: the model trained from scratch at each depth and budget, "
+          "evaluated with the dataset's protocol. gap = the deepest model's mIoU minus the shallowest's.", "",
+          "| " + " | ".join(df.columns) + " |", "|" + "---|" * len(df.columns)]
+    for _, row in df.iterrows():
+        md.append("| " + " | ".join("" if isinstance(v, float) and math.isnan(v) else
+                                    f"{v:.2f}" if isinstance(v, float) else str(v) for v in row) + " |")
+    stem = f"{dataset}-depth-study"
+    files = [_write_text(out_dir / f"{stem}.md", "\n".join(md) + "\n"), _write_csv(out_dir / f"{stem}.csv", df)]
+    with figure_style() as plt:
+        w = WIDTHS[width]
+        fig, ax = plt.subplots(figsize=(w, 0.35 * w if width == "text" else 0.7 * w), layout="constrained")
+        lines = sorted({(r.get("model"), int(r["study"]["depth"]),
+                         ", ".join(f"{k} {v}" for k, v in sorted(r["study"].items()) if k not in ("depth", "steps")))
+                        for r in records})
+        for i, (model, depth, other) in enumerate(lines):
+            mine = sorted((int(r["study"]["steps"]), 100 * r["miou"]) for r in records
+                          if (r.get("model"), int(r["study"]["depth"])) == (model, depth)
+                          and ", ".join(f"{k} {v}" for k, v in sorted(r["study"].items())
+                                        if k not in ("depth", "steps")) == other)
+            label = f"{model}, {depth} blocks" + (f" ({other})" if len({ln[2] for ln in lines}) > 1 else "")
+            ax.plot([s for s, _ in mine], [m for _, m in mine], marker=MARKERS[i % len(MARKERS)],
+                    color=f"C{i % 10}", label=label)
+        ax.set_xscale("log")
+        steps = sorted({int(r["study"]["steps"]) for r in records})
+        ax.set_xticks(steps, [f"{s:,}" for s in steps])
+        ax.minorticks_off()
+        ax.set_xlabel("training steps (from scratch)")
+        ax.set_ylabel("mIoU (%)")
+        ax.legend(frameon=False)
+        files += save_figure(fig, out_dir / stem)
+        plt.close(fig)
+    return files
+
+
 def usable_records(results: str) -> tuple[list[dict], int]:
     """The records the report can use, and how many it skipped (each named on stdout
     with its file and line)."""
@@ -727,6 +790,16 @@ def report(results: str = "results", out: str = "reports", width: str = "text",
             index += ["## speed (`bench speed`)", ""] + [f"- [{f.name}]({f.name})" for f in files
                                                         if f.suffix not in (".svg", ".pdf")] + [""]
             continue
+        study = [r for r in mine if "study" in r]
+        if study:
+            files = study_report(study, dataset, out_dir, width)
+            written += files
+            index += [f"## {dataset}: depth study", "", f"{len(study)} records, git commit(s) "
+                      f"{', '.join(sorted({str(r.get('git_commit'))[:7] for r in study}))}.", ""]
+            index += [f"- [{f.name}]({f.name})" for f in files if f.suffix not in (".svg", ".pdf")] + [""]
+            mine = [r for r in mine if "study" not in r]
+            if not mine:
+                continue
         df = table(mine)
         labels = group_labels(mine)
         files = [_write_text(out_dir / f"{dataset}.md", markdown(df)),

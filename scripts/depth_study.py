@@ -4,7 +4,7 @@ line per run and, with ``--out``, stores it as a record.
 
 Usage: python scripts/depth_study.py [--dataset synthetic] [--data-root DIR]
            [--depth 6 --depth 2] [--steps 1600 --steps 6400] [--lr 1e-3]
-           [--drop-path 0.1] [--window R] [--device cuda] [--out results/depth-study]
+           [--drop-path 0.1] [--embed-dim 384 --heads 6] [--window R] [--device cuda] [--out results/depth-study]
 
 Every (steps, depth) pair is one run, all runs of the first budget first. ``--window R``
 restricts attention to tokens within R grid steps (a (2R+1)^2 window, through timm's
@@ -78,6 +78,8 @@ def main(argv=None):
                     help="training steps (repeatable; default: the preset's budget)")
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--drop-path", type=float, default=None)
+    ap.add_argument("--embed-dim", type=int, default=None, help="token width (default: the preset's; a model-size axis)")
+    ap.add_argument("--heads", type=int, default=None, help="attention heads (default: the preset's)")
     ap.add_argument("--window", type=int, default=0, help="attention radius in tokens (0: global)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=2)
@@ -109,7 +111,9 @@ def study(args):
             opts = RunOptions(dataset=args.dataset, data_root=args.data_root, checkpoints=args.checkpoints,
                               progress=False, steps=steps, device=args.device, threads=args.threads)
             cfg = train_config(opts, spec)
-            over = {"depth": depth, **({"drop_path": args.drop_path} if args.drop_path is not None else {})}
+            over = {"depth": depth, **({"drop_path": args.drop_path} if args.drop_path is not None else {}),
+                    **({"embed_dim": args.embed_dim} if args.embed_dim else {}),
+                    **({"num_heads": args.heads} if args.heads else {})}
             cfg = replace(cfg, lr=args.lr or cfg.lr, model_overrides={**cfg.model_overrides, **over},
                           method_knobs={"window": args.window} if args.window else {})
             settings = {"depth": depth, "steps": cfg.steps, "lr": cfg.lr, **over, "window": args.window}

@@ -346,3 +346,25 @@ def test_training_curves_of_one_method_with_several_checkpoints_are_told_apart(t
         torch.save({"weights": f"s{d}"}, logs / f"shallow-tiny-h{d}.pt")
     found = training_logs(records, tmp_path / "ck", group_labels(records))
     assert [label for label, _ in found] == ["shallow depth=2", "shallow depth=3"]
+
+
+def study_record(depth, steps, miou, **study):
+    """A record as scripts/depth_study.py stores it: accuracy, no timing."""
+    return {"schema_version": 1, "method": "baseline", "knobs": {}, "dataset": "toy", "split": "val",
+            "checkpoint": f"c{depth}-{steps}", "baseline_checkpoint": f"c{depth}-{steps}", "model": "tiny",
+            "miou": miou, "gflops": {"mean": 0.1 * depth}, "git_commit": "abc1234",
+            "train": {"steps": steps, "config_hash": f"h{depth}-{steps}", "seconds": steps // 10},
+            "study": {"depth": depth, "steps": steps, "lr": 0.001, **study}}
+
+
+def test_depth_study_records_get_their_own_table_and_figure(tmp_path, capsys):
+    records = [study_record(6, 100, 0.40), study_record(2, 100, 0.41),
+               study_record(6, 400, 0.50), study_record(2, 400, 0.45)]
+    report(store(tmp_path, records), str(tmp_path / "out"))
+    assert "warning" not in capsys.readouterr().out  # study records are not incomplete runs
+    table = pd.read_csv(tmp_path / "out" / "toy-depth-study.csv")
+    assert table["steps"].tolist() == [100, 400]
+    assert table["gap d6-d2"].round(6).tolist() == [-1.0, 5.0]  # the deeper model's lead, in points
+    assert (tmp_path / "out" / "toy-depth-study.png").exists()
+    assert "toy-depth-study.md" in (tmp_path / "out" / "README.md").read_text()
+    assert not (tmp_path / "out" / "toy.md").exists()  # no ordinary rows: no trade-off table
