@@ -155,34 +155,45 @@ def _dataset_name(opts) -> str:
 @click.option("--batch-size", "batch_sizes", default="1,8", show_default=True, help="comma-separated batch sizes")
 @click.option("--method", "methods", default="paumer,tome,early-exit,static", show_default=True,
               help="comma-separated: paumer, early-exit, tome, static (the baseline is always timed)")
-@click.option("--stay", default=None, help="share of the grid active after each pausing layer, e.g. 0.75,0.575,0.4")
+@click.option("--stay", multiple=True,
+              help="share of the grid active after each pausing layer, e.g. 0.75,0.575,0.4 (repeat: several schedules)")
 @click.option("--spread", type=click.FloatRange(0, 1), default=0.1, show_default=True, help="image-to-image spread of --stay")
-@click.option("--batching", type=click.Choice(["pad", "packed"]), default="pad", show_default=True)
-@click.option("--tome-r", type=click.IntRange(min=0), default=None, help="ToMe's r (default: half the largest)")
-@click.option("--scale", type=float, default=0.75, show_default=True, help="static's input scale")
+@click.option("--batching", default="pad", show_default=True, help="pad, packed or pad,packed (each is timed)")
+@click.option("--tome-r", default=None, help="ToMe's r, comma-separated for several (default: half the largest)")
+@click.option("--scale", default="0.75", show_default=True, help="static's input scale(s), comma-separated")
 @click.option("--num-classes", type=click.IntRange(min=1), default=19, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True)
 @click.option("--timing-images", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--warmup", type=click.IntRange(min=0), default=2, show_default=True, help="untimed passes first")
 @click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True)
 @click.option("--results", default="results", show_default=True)
-def speed_cmd(batch_sizes, methods, stay, **kw):
+def speed_cmd(batch_sizes, methods, stay, batching, tome_r, scale, **kw):
     """Time methods at any model and input size on random weights and images, decisions
     forced by a token schedule; records go to <results>/speed.jsonl."""
     from bench.speed import SpeedOptions, run_speed
 
     _require_device(kw["device"])
-    try:
-        sizes = [int(b) for b in batch_sizes.split(",")]
-        stay = [float(v) for v in stay.split(",")] if stay else None
-    except ValueError:
-        raise BenchError(f"--batch-size and --stay take comma-separated numbers, got {batch_sizes!r} / {stay!r}") from None
-    opts = SpeedOptions(batch_sizes=sizes, methods=[m for m in methods.split(",") if m], stay=stay, **kw)
+    sizes = _numbers("--batch-size", batch_sizes, int)
+    schedules = [_numbers("--stay", one, float) for one in stay] or None
+    batchings = batching.split(",")
+    if set(batchings) - {"pad", "packed"}:
+        raise BenchError(f"--batching takes pad, packed or both, comma-separated; got {batching!r}")
+    tome_rs = _numbers("--tome-r", tome_r, int) if tome_r else [None]
+    opts = SpeedOptions(batch_sizes=sizes, methods=[m for m in methods.split(",") if m], stay=schedules,
+                        batching=batchings, tome_r=tome_rs, scale=_numbers("--scale", scale, float), **kw)
     for r in run_speed(opts):
         s = r["speed"]
-        click.echo(f"{r['method']:10s} GFLOPs {r['gflops']['mean']:8.2f} (x{r['gflops_ratio']:.2f})  "
+        click.echo(f"{r['method']:10s} {_knobs(r['knobs']):58s} GFLOPs {r['gflops']['mean']:8.2f} (x{r['gflops_ratio']:.2f})  "
                    + "  ".join(f"b{b}: {s[b]['throughput']:7.2f} img/s x{s[b]['speedup']:.2f}" for b in s))
     click.echo(f"records written to {opts.results}/speed.jsonl")
+
+
+def _numbers(option: str, text: str, kind) -> list:
+    try:
+        return [kind(v) for v in text.split(",")]
+    except ValueError:
+        raise BenchError(f"{option} takes comma-separated {kind.__name__} values, got {text!r}") from None
 
 
 def _knobs(knobs: dict) -> str:

@@ -20,7 +20,7 @@ import torch
 from bench.errors import BenchError
 from bench.flops import FlopModel
 from bench.protocol import EvalSettings, predict, speed_entry, time_methods
-from bench.results import SCHEMA_VERSION, ResultsStore
+from bench.results import SCHEMA_VERSION, ResultsStore, op_label
 from methods import early_exit, paumer, tome
 from methods.encoder import Policy
 from methods.segmenter import build_model
@@ -36,11 +36,13 @@ class SpeedOptions:
     size: int = 768  # square input, pixels
     batch_sizes: list = field(default_factory=lambda: [1, 8])
     methods: list = field(default_factory=lambda: ["paumer", "tome", "early-exit", "static"])
-    stay: Optional[list] = None  # share of the grid active after each pausing layer; None: default_stay
+    # Operating points; each option takes one value or a list (every one is timed):
+    stay: Optional[list] = None  # share of the grid active after each pausing layer (a schedule,
+    #                              or a list of schedules); None: default_stay
     spread: float = 0.1  # image-to-image spread of the schedule
-    batching: str = "pad"
-    tome_r: Optional[int] = None  # None: half the largest constant r for this input
-    scale: float = 0.75  # static's input scale
+    batching: str | list = "pad"
+    tome_r: Optional[int | list] = None  # None: half the largest constant r for this input
+    scale: float | list = 0.75  # static's input scale
     num_classes: int = 19  # Cityscapes' (the decoder's class count changes its cost)
     device: str = "cpu"
     threads: int = 2
@@ -53,34 +55,55 @@ class SpeedOptions:
     compile: bool = False
 
 
+def _values(value) -> list:
+    """An option that takes one value or a list of them, as a list."""
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
 def build_runs(opts: SpeedOptions, model) -> dict:
-    """name -> (model, policy, scale, knobs) for the baseline and every asked method."""
+    """label -> (method, model, policy, scale, knobs) for the baseline and every asked
+    method at each of its operating points (every ``stay`` schedule x ``batching`` for
+    PAUMER and early exit, every ``tome_r``, every ``scale``), all timed against one
+    interleaved baseline."""
     depth = model.depth
     layers = paumer.default_layers(depth)
-    stay = opts.stay if opts.stay is not None else paumer.default_stay(len(layers))
+    schedules = opts.stay if opts.stay else [paumer.default_stay(len(layers))]
+    if not isinstance(schedules[0], (list, tuple)):
+        schedules = [schedules]  # one schedule
     tokens = model.grid_size(opts.size, opts.size)
     tokens = tokens[0] * tokens[1]
-    runs = {"baseline": (model, Policy(), 1.0, {})}
+    runs = {"baseline": ("baseline", model, Policy(), 1.0, {})}
+
+    def add(name, policy, scale, knobs):
+        runs[f"{name} {op_label(knobs)}"] = (name, model, policy, scale, knobs)
+
     for name in opts.methods:
         if name not in SPEED_METHODS:
             raise BenchError(f"bench speed times {', '.join(SPEED_METHODS)}; got {name!r}")
         try:
-            if name == "paumer":
-                heads = paumer.PausingHeads(model.config.embed_dim, model.num_classes, layers).to(opts.device).eval()
-                policy = paumer.PaumerPolicy(heads, criterion="schedule", stay=stay, spread=opts.spread,
-                                             batching=opts.batching)
-                runs[name] = (model, policy, 1.0, {"stay": policy.stay, "spread": opts.spread, "batching": opts.batching})
-            elif name == "early-exit":
-                heads = paumer.PausingHeads(model.config.embed_dim, model.num_classes, layers).to(opts.device).eval()
-                policy = early_exit.EarlyExitPolicy(heads, stay=stay, spread=opts.spread, batching=opts.batching)
-                runs[name] = (model, policy, 1.0, {"stay": policy.stay, "spread": opts.spread, "batching": opts.batching})
+            if name in ("paumer", "early-exit"):
+                for stay in schedules:
+                    for batching in _values(opts.batching):
+                        heads = paumer.PausingHeads(model.config.embed_dim, model.num_classes, layers)
+                        heads = heads.to(opts.device).eval()
+                        if name == "paumer":
+                            policy = paumer.PaumerPolicy(heads, criterion="schedule", stay=list(stay),
+                                                         spread=opts.spread, batching=batching)
+                        else:
+                            policy = early_exit.EarlyExitPolicy(heads, stay=list(stay), spread=opts.spread,
+                                                                batching=batching)
+                        add(name, policy, 1.0, {"stay": policy.stay, "spread": opts.spread, "batching": batching})
             elif name == "tome":
-                r = opts.tome_r if opts.tome_r is not None else tome.max_r(tokens, depth) // 2
-                runs[name] = (model, tome.ToMePolicy(depth, r=r), 1.0, {"r": r})
+                for r in _values(opts.tome_r):
+                    r = r if r is not None else tome.max_r(tokens, depth) // 2
+                    policy = tome.ToMePolicy(depth, r=r)
+                    tome.tokens_per_block(tokens, policy.rs)  # an r too large for this input: refused here
+                    add(name, policy, 1.0, {"r": r})
             elif name == "static":
-                if not 0.0 < opts.scale <= 1.0:
-                    raise ValueError(f"scale must be in (0, 1], got {opts.scale}")
-                runs[name] = (model, Policy(), opts.scale, {"scale": opts.scale})
+                for scale in _values(opts.scale):
+                    if not 0.0 < scale <= 1.0:
+                        raise ValueError(f"scale must be in (0, 1], got {scale}")
+                    add(name, Policy(), scale, {"scale": scale})
         except ValueError as e:
             raise BenchError(f"bench speed {name}: {e}") from None
     return runs
@@ -122,19 +145,19 @@ def run_speed(opts: SpeedOptions) -> list[dict]:
     flops = {}  # name -> (B,) per image, from one untimed pass at the largest batch
     tokens = {}
     with torch.inference_mode():
-        for name, (m, policy, scale, _) in runs.items():
+        for name, (_, m, policy, scale, _) in runs.items():
             parts = [predict(m, policy, chunk, settings, scale=scale, flop_model=FlopModel(m, policy))
                      for chunk in images.split(settings.batch_size)]
             flops[name] = torch.cat([p.flops for p in parts]).double() / 1e9
             t = sum(p.tokens.sum(0) for p in parts)
             tokens[name] = (t.double() / float(sum(p.full_tokens.sum() for p in parts))).tolist()
-    timed = {name: (m, policy, scale) for name, (m, policy, scale, _) in runs.items()}
+    timed = {name: (m, policy, scale) for name, (_, m, policy, scale, _) in runs.items()}
     speeds = {bs: time_methods(timed, images, settings, batch_size=bs, warmup=opts.warmup, repeats=opts.repeats)
               for bs in sorted(set(opts.batch_sizes))}
     base = flops["baseline"].mean().item()
     records = []
-    for name, (_, policy, _, knobs) in runs.items():
-        g = flops[name]
+    for label, (name, _, policy, _, knobs) in runs.items():
+        g = flops[label]
         records.append({
             "schema_version": SCHEMA_VERSION,
             **identity(opts, name, knobs, decoder),
@@ -145,8 +168,8 @@ def run_speed(opts: SpeedOptions) -> list[dict]:
                        "min": g.min().item(), "max": g.max().item()},
             "gflops_ratio": g.mean().item() / base, "baseline_gflops": base,
             "flops_unit": "GFLOPs (fvcore, MAC)",
-            "tokens_per_block": tokens[name],
-            "speed": {str(bs): speed_entry(t, name) for bs, t in speeds.items()},
+            "tokens_per_block": tokens[label],
+            "speed": {str(bs): speed_entry(t, label) for bs, t in speeds.items()},
             "timing_images": opts.timing_images,
             "seed": opts.seed,
             **env,

@@ -66,3 +66,26 @@ def test_report_tabulates_and_plots_speed_records(tmp_path):
     text = (tmp_path / "rep" / "speed.md").read_text()
     rows = [line for line in text.splitlines() if "| static | scale=0.75 | 1 |" in line]
     assert len(rows) == 1 and "| baseline | - | 1 |" in text
+
+
+def test_several_operating_points_are_timed_against_one_baseline(tmp_path):
+    from click.testing import CliRunner
+
+    from bench.cli import cli
+
+    args = ["speed", "--model", "tiny", "--size", "64", "--batch-size", "2", "--method", "paumer,tome,static",
+            "--stay", "0.75,0.5,0.25", "--stay", "0.5,0.3,0.2", "--batching", "pad,packed", "--tome-r", "2,4",
+            "--scale", "0.5,0.75", "--timing-images", "2", "--warmup", "0", "--repeats", "1",
+            "--results", str(tmp_path)]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    stored = [json.loads(line) for line in (tmp_path / "speed.jsonl").read_text().splitlines()]
+    methods = [r["method"] for r in stored]
+    assert methods.count("baseline") == 1 and methods.count("paumer") == 4  # 2 schedules x 2 batchings
+    assert methods.count("tome") == 2 and methods.count("static") == 2
+    assert len({json.dumps(record_identity(r), sort_keys=True) for r in stored}) == len(stored)
+    deeper = [r for r in stored if r["method"] == "paumer" and r["knobs"]["stay"] == [0.5, 0.3, 0.2]]
+    lighter = [r for r in stored if r["method"] == "paumer" and r["knobs"]["stay"] == [0.75, 0.5, 0.25]]
+    assert max(r["gflops_ratio"] for r in deeper) < min(r["gflops_ratio"] for r in lighter)
+    with pytest.raises(BenchError, match="--batching takes pad, packed"):
+        cli.main(args=args + ["--batching", "pad,padded"], standalone_mode=False)
