@@ -58,7 +58,15 @@ def measure_options(f):
     ]
     for option in reversed(options):
         f = option(f)
-    return f
+    return execution_options(f)
+
+
+def execution_options(f):
+    """What evaluation and timing forwards run in (`bench run`, `bench sweep`, `bench speed`)."""
+    f = click.option("--compile", is_flag=True,
+                     help="torch.compile the blocks and decoder for evaluation and timing")(f)
+    return click.option("--precision", type=click.Choice(["fp32", "tf32", "bf16", "fp16"]), default="fp32",
+                        show_default=True, help="evaluation and timing (training stays fp32); cpu: fp32 or bf16")(f)
 
 
 def _require_device(device: str, here: bool = True) -> None:
@@ -168,6 +176,7 @@ def _dataset_name(opts) -> str:
 @click.option("--warmup", type=click.IntRange(min=0), default=2, show_default=True, help="untimed passes first")
 @click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True)
 @click.option("--results", default="results", show_default=True)
+@execution_options
 def speed_cmd(batch_sizes, methods, stay, batching, tome_r, scale, **kw):
     """Time methods at any model and input size on random weights and images, decisions
     forced by a token schedule; records go to <results>/speed.jsonl."""

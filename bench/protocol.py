@@ -4,10 +4,13 @@ compute trace, and throughput/latency timed the same way for every method.
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import statistics
 import time
+import weakref
 from dataclasses import dataclass, replace
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +31,102 @@ class EvalSettings:
     batch_size: int = 8  # images (whole) or windows (slide) per forward
     device: str = "cpu"
     resize_short: Optional[int] = None  # resize the image to this short side first (ADE20K: 512)
+    precision: str = "fp32"  # what the model's forwards compute in (``execution``)
+    compile: bool = False  # torch.compile the blocks, their MLPs and the decoder (``execution``)
+    compile_backend: Any = None  # None: $BENCH_COMPILE_BACKEND or "inductor"; tests pass a cheap one
+
+
+PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+COMPILE_BACKEND_ENV = "BENCH_COMPILE_BACKEND"
+
+
+def compile_backend(backend=None):
+    """The torch.compile backend: ``backend``, else $BENCH_COMPILE_BACKEND, else inductor."""
+    return backend if backend is not None else os.environ.get(COMPILE_BACKEND_ENV) or "inductor"
+
+
+def _compile_failure(e: Exception, backend) -> BenchError:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    name = backend if isinstance(backend, str) else getattr(backend, "__name__", repr(backend))
+    return BenchError(f"--compile: torch.compile (backend {name}) does not work here: {first}; "
+                      "run without --compile")
+
+
+def check_execution(precision: str, device: str, compile: bool = False, backend=None, probe: bool = True) -> None:
+    """The precision is known and supported on ``device``'s kind; with ``compile`` (and
+    ``probe``) the compiler works here: a one-line error before any work otherwise."""
+    if precision not in PRECISIONS:
+        raise BenchError(f"--precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+    kind = torch.device(device).type
+    if kind != "cuda" and precision in ("tf32", "fp16"):
+        raise BenchError(f"--precision {precision} needs a CUDA device; on {kind} use fp32 or bf16")
+    if compile and probe:  # inductor on CPU needs a working C++ compiler: find out in seconds
+        backend = compile_backend(backend)
+        try:
+            torch.compile(lambda x: x * 2 + 1, backend=backend)(torch.ones(4, device=device))
+        except Exception as e:  # noqa: BLE001 - any compiler failure ends here, as one line
+            raise _compile_failure(e, backend) from None
+
+
+# module -> {backend: its compiled forward}, made once so each graph compiles once
+_COMPILED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _hot_modules(model) -> list:
+    """What ``--compile`` compiles: each encoder block, each block's MLP on its own (the
+    policies that run a block their own way, ToMe, ALGM and packed batching, call it
+    directly) and the decoder. The encoder loop between them (policies' decisions,
+    gathers, host reads) and those policies' own attention code stay eager."""
+    blocks = list(getattr(model, "blocks", []))
+    mlps = [b.mlp for b in blocks if isinstance(getattr(b, "mlp", None), torch.nn.Module)]
+    return blocks + mlps + ([model.decoder] if hasattr(model, "decoder") else [])
+
+
+def _compiled_forward(module, backend):
+    table = _COMPILED.setdefault(module, {})
+    if backend not in table:
+        # dynamic=True: token counts (and batch sizes) are symbolic from the first
+        # compilation, so a ragged batch with new row counts reuses the graph instead of
+        # recompiling per batch (only 0/1-sized dims and mask/no-mask paths specialise)
+        table[backend] = torch.compile(module.forward, dynamic=True, backend=backend)
+    return table[backend]
+
+
+@contextlib.contextmanager
+def execution(model, settings: EvalSettings):
+    """The one place precision and compilation apply, around a model's forward
+    (``predict``: evaluation and timing alike). fp32: as is; tf32: TF32 matmuls and
+    convolutions on CUDA, the flags restored after; bf16/fp16: ``torch.autocast``
+    (weights stay fp32); ``compile``: the hot modules (``_hot_modules``) run compiled."""
+    p = settings.precision
+    with contextlib.ExitStack() as stack:
+        if p in AUTOCAST:
+            stack.enter_context(torch.autocast(torch.device(settings.device).type, dtype=AUTOCAST[p]))
+        elif p == "tf32":
+            saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+
+            def restore():
+                torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+            stack.callback(restore)
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        if not settings.compile:
+            yield
+            return
+        import torch._dynamo as dynamo
+
+        backend = compile_backend(settings.compile_backend)
+        # a guard failure past the limit would silently run eager: fail instead
+        stack.enter_context(dynamo.config.patch(recompile_limit=64, fail_on_recompile_limit_hit=True))
+        for module in _hot_modules(model):
+            previous = module._compiled_call_impl  # what nn.Module.compile() sets; restored after
+            module._compiled_call_impl = _compiled_forward(module, backend)
+            stack.callback(setattr, module, "_compiled_call_impl", previous)
+        try:
+            yield
+        except dynamo.exc.TorchDynamoException as e:
+            raise _compile_failure(e, backend) from None
 
 
 @dataclass
@@ -51,9 +150,12 @@ def _pad_to(x: Tensor, h: int, w: int) -> Tensor:
     return F.pad(x, (0, w - x.shape[-1], 0, h - x.shape[-2]))
 
 
-def _forward(model, policy, x: Tensor, flop_model, keep_maps: bool):
-    """Forward a batch whose H, W are multiples of the patch size."""
-    logits, state = model.forward_state(x, policy)
+def _forward(model, policy, x: Tensor, flop_model, keep_maps: bool, settings: EvalSettings):
+    """Forward a batch whose H, W are multiples of the patch size, at the settings'
+    precision (logits back in fp32) and compiled or not; FLOPs are priced outside."""
+    with execution(model, settings):
+        logits, state = model.forward_state(x, policy)
+    logits = logits.float()
     flops = flop_model.image_flops(state.trace, tuple(x.shape[-2:])) if flop_model is not None else None
     tokens = state.trace.tokens
     full = torch.full((x.shape[0],), state.source.shape[1], dtype=torch.long)
@@ -81,7 +183,7 @@ def predict(model, policy, images: Tensor, settings: EvalSettings, *, scale: flo
     p = model.patch_size
     if settings.mode == "whole":
         x = _pad_to(x, -(-h // p) * p, -(-w // p) * p)
-        logits, flops, tokens, full, maps = _forward(model, policy, x, flop_model, keep_maps)
+        logits, flops, tokens, full, maps = _forward(model, policy, x, flop_model, keep_maps, settings)
         logits = logits[..., :h, :w]
         left_at = list(maps) if maps is not None else None
     else:
@@ -95,7 +197,7 @@ def predict(model, policy, images: Tensor, settings: EvalSettings, *, scale: flo
         crops = torch.stack([x[:, :, t : t + win, l : l + win] for t, l in boxes], 1).flatten(0, 1)
         outs = []
         for chunk in crops.split(max(1, settings.batch_size)):
-            out, f, tk, fu, _ = _forward(model, policy, chunk, flop_model, False)
+            out, f, tk, fu, _ = _forward(model, policy, chunk, flop_model, False, settings)
             outs.append((out, f, tk, fu))
         out = torch.cat([o[0] for o in outs]).unflatten(0, (B, len(boxes)))
         for k, (t, l) in enumerate(boxes):

@@ -31,13 +31,14 @@ import pandas as pd
 
 from bench.errors import BenchError
 from bench.fileio import atomic_write
-from bench.results import ResultsStore, op_label
+from bench.results import ResultsStore, op_label, record_precision
 
 WIDTHS = {"column": 3.3, "text": 7.0}  # inches: one column / the text width of a two-column paper
 FONT_PT = 7  # no text in a figure is smaller, at its printed size
 POINTS = {"baseline": "baseline", "baseline-ft": "baseline-ft (control)"}  # single points, own markers
 LINE_REFERENCES = ("static", "shallow")  # fixed-cost references: drawn dashed
 BASE_COLUMNS = ["method", "op", "mIoU", "ΔmIoU", "ΔmIoU ctrl", "GFLOPs", "ΔGFLOPs %"]
+EXECUTION = "precision/compile"  # shown only where some row is not plain fp32
 PROVENANCE = ["group", "baseline_checkpoint", "checkpoint", "model", "decoder", "split", "device_name", "precision",
               "threads", "images", "git_commit"]
 
@@ -244,11 +245,13 @@ def table(records: list[dict]) -> pd.DataFrame:
         row.update({"group": labels[group_key(r)], "baseline_checkpoint": r.get("baseline_checkpoint"),
                     "checkpoint": r.get("checkpoint"), "model": r.get("model"), "decoder": r.get("decoder"),
                     "split": r.get("split"), "device_name": r.get("device_name"),
-                    # records before `precision` existed ran in their `dtype`
-                    "precision": r.get("precision") or r.get("dtype"),
+                    # named as --precision names it (older records: "float32", or their `dtype`)
+                    "precision": record_precision(r), "compile": bool(r.get("compile")),
                     "threads": r.get("threads"), "images": r.get("images"), "git_commit": r.get("git_commit"),
                     "series": series(r["method"], r["knobs"], swept[r["method"]]),
                     "order": order_keys.index(_order_key(r["knobs"].get(swept[r["method"]])))})
+        # a record that names no precision predates --precision: it ran in fp32
+        row[EXECUTION] = (row["precision"] or "fp32") + (" compiled" if row["compile"] else "")
         rows.append(row)
     df = pd.DataFrame(rows)
     df["pareto"] = False
@@ -263,6 +266,8 @@ def display_columns(df: pd.DataFrame) -> list[str]:
     """The columns of the Markdown and LaTeX tables: the control's delta only where a
     record has one, throughput and speedup at every stored batch size."""
     columns = [c for c in BASE_COLUMNS if c != "ΔmIoU ctrl" or df[c].notna().any()]
+    if (df[EXECUTION] != "fp32").any():  # a bf16 or compiled row says so; all-fp32 tables stay as they were
+        columns.insert(columns.index("op") + 1, EXECUTION)
     for c in df.columns:
         if re.fullmatch(r"(img/s|speedup) b\d+", c):
             columns.append(c)
@@ -348,7 +353,8 @@ def csv_frame(df: pd.DataFrame) -> pd.DataFrame:
     knobs = sorted(c for c in df.columns if c.startswith("knob:"))
     speed = [c for c in df.columns if re.fullmatch(r"(img/s|speedup) b\d+( p25| p75)?", c)]
     numbers = ["mIoU", "ΔmIoU", "ΔmIoU ctrl", "control mIoU", "GFLOPs", "ΔGFLOPs %"] + speed + ["p50 ms", "p90 ms"]
-    out = df[["method", "op"] + knobs + numbers + ["pareto"] + PROVENANCE].copy()
+    compiled = ["compile"] if df["compile"].any() else []  # uncompiled CSVs keep their columns
+    out = df[["method", "op"] + knobs + numbers + ["pareto"] + PROVENANCE + compiled].copy()
     return out.rename(columns={k: k[len("knob:"):] if k[len("knob:"):] not in out.columns else k for k in knobs})
 
 
@@ -653,7 +659,7 @@ def speed_table(records: list[dict]) -> pd.DataFrame:
         ev = r.get("eval", {})
         for bs, s in sorted(r["speed"].items(), key=lambda kv: int(kv[0])):
             rows.append({"model": ev.get("model"), "decoder": ev.get("decoder"), "size": ev.get("size"),
-                         "device": r.get("device_name", r.get("device")), "precision": r.get("precision"),
+                         "device": r.get("device_name", r.get("device")), "precision": record_precision(r),
                          "compile": bool(r.get("compile")), "method": r["method"], "knobs": op_label(r["knobs"]),
                          "batch": int(bs), "gflops": r["gflops"]["mean"], "gflops_ratio": r["gflops_ratio"],
                          "throughput": s["throughput"], "speedup": s["speedup"],

@@ -40,6 +40,17 @@ REQUIRED_FIELDS = ("schema_version",) + IDENTITY_FIELDS
 LOCK_NAME = ".lock"
 
 
+# torch dtype names (older records, ``dtype``) -> the ``--precision`` names records store now
+PRECISION_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+def record_precision(rec: dict):
+    """The precision a record was measured at, as ``--precision`` names it: records
+    before ``precision`` said ``dtype``, and before ``--precision`` "float32" (= fp32)."""
+    value = rec.get("precision", rec.get("dtype"))
+    return PRECISION_NAMES.get(value, value)
+
+
 def _missing(rec: dict) -> list[str]:
     return [k for k in REQUIRED_FIELDS if k not in rec]
 
@@ -55,8 +66,8 @@ def _setting(rec: dict, key: str):
         return str(rec["device"]).split(":")[0] if rec.get("device") else None
     if key == "compile":  # only a compiled run says so: uncompiled identities stay as they were
         return True if rec.get("compile") else None
-    if key == "precision":  # records before `precision` named it `dtype`
-        return rec.get("precision", rec.get("dtype"))
+    if key == "precision":  # an old "float32" record and a new fp32 one: the same measurement
+        return record_precision(rec)
     return rec.get(key)
 
 

@@ -23,7 +23,8 @@ import torch
 from bench import datasets, distributed
 from bench.errors import BenchError
 from bench.flops import FlopModel
-from bench.protocol import EvalSettings, attach_labels, evaluate, predict, speed_entry, time_methods
+from bench.protocol import (EvalSettings, attach_labels, check_execution, evaluate, predict, speed_entry,
+                            time_methods)
 from bench.results import SCHEMA_VERSION, ResultsStore, op_label
 from bench.train import TrainConfig, load_checkpoint, train
 from methods import CONTROL, METHODS, MethodSpec, all_methods
@@ -31,7 +32,7 @@ from methods.encoder import Policy
 from methods.segmenter import build_model, model_config
 
 REPO = Path(__file__).resolve().parent.parent
-PRECISION = "float32"  # every model runs in it today; part of a record's identity
+PRECISION = "float32"  # the weights' dtype; --precision (RunOptions.precision) is what forwards compute in
 
 
 @dataclass
@@ -59,6 +60,9 @@ class RunOptions:
     progress: bool = True
     extra: dict = field(default_factory=dict)
     dataset_name: Optional[str] = None  # --name: what a folder dataset is called (default: its bench.json's)
+    precision: str = "fp32"  # evaluation and timing (training is fp32): fp32, tf32, bf16, fp16
+    compile: bool = False  # torch.compile the blocks and decoder for evaluation and timing
+    compile_backend: Optional[object] = None  # None: $BENCH_COMPILE_BACKEND or inductor (tests: a cheap one)
 
 
 def get_method(name: str) -> MethodSpec:
@@ -130,7 +134,7 @@ def environment(device: str, threads: int) -> dict:
         "device": device,
         "device_name": name,
         "cpu_name": cpu,  # the host matters on a GPU too (data, launch overheads)
-        "dtype": PRECISION,  # kept for readers of older records; `precision` is the field
+        "dtype": PRECISION,  # the weights'; kept for readers of older records; `precision` is the field
         "threads": threads,
         "versions": {"torch": torch.__version__, "timm": timm.__version__, "fvcore": version("fvcore"),
                      "python": platform.python_version()},
@@ -388,7 +392,7 @@ def check_ops(opts: RunOptions, spec: datasets.DatasetSpec, method: MethodSpec, 
         ops or not (method.fine_tune and method.fine_tune.op_knobs)) else (None, None)
     if segmenter is None:  # a checkpoint per operating point, none given: size it as the full model
         segmenter = trained = new_model(replace(train_config(opts, spec), pretrained=False))
-    settings = replace(_settings(spec, opts), device="cpu", batch_size=1)
+    settings = replace(_settings(spec, opts), device="cpu", batch_size=1, precision="fp32", compile=False)
     image = _probe_image(spec, val) if ops else None
     for knobs in ops:
         if method.fine_tune is not None and method.fine_tune.op_knobs:
@@ -424,6 +428,7 @@ def validate(opts: RunOptions, spec: Optional[datasets.DatasetSpec] = None, ops:
     check_device(opts.device, here=device_here)
     if opts.threads < 1 or opts.batch_size < 1:
         raise BenchError("--threads and --batch-size must be at least 1")
+    check_execution(opts.precision, opts.device, opts.compile, opts.compile_backend, probe=device_here)
     method = get_method(opts.method)
     spec = spec or dataset_spec(opts)
     if ops is None:
@@ -511,7 +516,8 @@ def describe_plan(p: dict) -> list[str]:
 
 def _settings(spec: datasets.DatasetSpec, opts: RunOptions) -> EvalSettings:
     p = spec.preset
-    return EvalSettings(p.eval_mode, p.window, p.stride, opts.batch_size, opts.device, p.resize_short)
+    return EvalSettings(p.eval_mode, p.window, p.stride, opts.batch_size, opts.device, p.resize_short,
+                        precision=opts.precision, compile=opts.compile, compile_backend=opts.compile_backend)
 
 
 def pending_ops(opts: RunOptions) -> Optional[list]:
@@ -552,6 +558,7 @@ def run(opts: RunOptions) -> list[dict]:
     others return [].
     """
     check_device(opts.device)
+    check_execution(opts.precision, opts.device, probe=False)  # the compiler is probed in validate
     opts = replace(opts, device=distributed.setup(opts.device))
     method = get_method(opts.method)
     spec = dataset_spec(opts)
@@ -629,6 +636,7 @@ def run(opts: RunOptions) -> list[dict]:
         record = {
             "schema_version": SCHEMA_VERSION,
             **point,  # identity: method, knobs, dataset, split, checkpoint and the settings
+            "compile": opts.compile,
             "baseline_checkpoint": base_payload.get("weights"),
             "model": base_cfg.model,
             "decoder": base_cfg.model_overrides["decoder"],
@@ -684,6 +692,6 @@ def point_identity(opts: RunOptions, spec, method: str, knobs: dict, checkpoint:
     and the resume checks (``run``, ``pending_ops``) look them up."""
     settings = _settings(spec, opts)
     return {"method": method, "knobs": knobs, "dataset": spec.name, "split": spec.preset.val_split,
-            "checkpoint": checkpoint, "images": images, "device": opts.device, "precision": PRECISION,
-            "batch_sizes": sorted({1, opts.batch_size}),
+            "checkpoint": checkpoint, "images": images, "device": opts.device, "precision": opts.precision,
+            "batch_sizes": sorted({1, opts.batch_size}), **({"compile": True} if opts.compile else {}),
             "eval": {"mode": settings.mode, "window": settings.window, "stride": settings.stride, "scale": scale}}

@@ -19,7 +19,7 @@ import torch
 
 from bench.errors import BenchError
 from bench.flops import FlopModel
-from bench.protocol import EvalSettings, predict, speed_entry, time_methods
+from bench.protocol import EvalSettings, check_execution, predict, speed_entry, time_methods
 from bench.results import SCHEMA_VERSION, ResultsStore, op_label
 from methods import early_exit, paumer, tome
 from methods.encoder import Policy
@@ -51,8 +51,9 @@ class SpeedOptions:
     repeats: int = 5
     seed: int = 0
     results: str = "results"
-    precision: str = "float32"
+    precision: str = "fp32"  # fp32, tf32, bf16, fp16 (protocol.execution)
     compile: bool = False
+    compile_backend: Optional[object] = None  # None: $BENCH_COMPILE_BACKEND or inductor
 
 
 def _values(value) -> list:
@@ -124,6 +125,7 @@ def run_speed(opts: SpeedOptions) -> list[dict]:
 
     if opts.size < 1 or not opts.batch_sizes or min(opts.batch_sizes) < 1:
         raise BenchError("--size and --batch-size values must be at least 1")
+    check_execution(opts.precision, opts.device, opts.compile, opts.compile_backend)
     torch.set_num_threads(opts.threads)
     torch.manual_seed(opts.seed)
     store = ResultsStore(opts.results)
@@ -140,7 +142,8 @@ def run_speed(opts: SpeedOptions) -> list[dict]:
     runs = build_runs(opts, model)
     g = torch.Generator().manual_seed(opts.seed)
     images = torch.randint(0, 256, (opts.timing_images, 3, opts.size, opts.size), generator=g, dtype=torch.uint8)
-    settings = EvalSettings("whole", batch_size=max(opts.batch_sizes), device=opts.device)
+    settings = EvalSettings("whole", batch_size=max(opts.batch_sizes), device=opts.device, precision=opts.precision,
+                            compile=opts.compile, compile_backend=opts.compile_backend)
 
     flops = {}  # name -> (B,) per image, from one untimed pass at the largest batch
     tokens = {}

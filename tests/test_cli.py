@@ -133,7 +133,7 @@ def test_a_smaller_limit_does_not_block_a_larger_one(capsys, tmp_path, toy):
     assert [r["images"] for r in records] == [3, 4]
     assert pending_ops(replace(opts, limit=4)) == [] and pending_ops(replace(opts, batch_size=4)) == [{"scale": 0.5}]
     r = records[0]
-    assert r["precision"] == "float32" and r["device"] == "cpu" and r["cpu_name"] == r["device_name"]
+    assert r["precision"] == "fp32" and r["device"] == "cpu" and r["cpu_name"] == r["device_name"]
     for entry in r["speed"].values():  # the spread of each batch size over the 2 repeats
         low, high = entry["throughput_range"]
         assert low <= entry["throughput_iqr"][0] <= entry["throughput_iqr"][1] <= high

@@ -171,8 +171,8 @@ def test_csv_has_a_column_per_knob_and_provenance_and_latex_is_booktabs():
     rows = csv.set_index("op")
     packed = rows.loc["batching=packed tau=0.2"]
     assert packed["tau"] == 0.2 and packed["batching"] == "packed"
-    assert rows.loc["tau=0.5", "precision"] == "bfloat16"
-    assert rows.loc["batching=packed tau=0.2", "precision"] == "float32"  # old record: its dtype
+    assert rows.loc["tau=0.5", "precision"] == "bf16"  # named as --precision names it
+    assert rows.loc["batching=packed tau=0.2", "precision"] == "fp32"  # old record: its dtype, "float32"
     tex = latex(df)
     assert tex.count(r"\toprule") == 1 and tex.count(r"\bottomrule") == 1 and r"\begin{tabular}{ll" in tex
     assert r"$\Delta$mIoU" in tex and r"$\Delta$GFLOPs (\%)" in tex and r"$\times$" in tex
