@@ -241,32 +241,33 @@ class ALGMPolicy(Policy):
         if layer not in self.layers:
             return super().run_block(index, block, state)
         counts = state.counts()
-        P = state.num_prefix  # 0 or 1: blocks run on [class token, rows]
         x = attention_residual(block, state.joined(), state.joined_valid(), self.batching)
-        if layer == self.layers[0]:  # nothing merged before: rows are the grid, in order
-            x = state.split(x)  # local merging sees the grid only (the reference)
+        local = layer == self.layers[0]
+        # rows of x before the grid's: local merging sees the grid only, global matching the
+        # class token too, as row 0, never merged (both as the reference)
+        lead = 0 if local else state.num_prefix
+        if local:  # nothing merged before: rows are the grid, in order
+            x = state.split(x)
             dest, kept = local_merge_plan(x, state.grid, self.threshold)
             gh, gw = state.grid
             decide = ("algm_local", (gh // WINDOW) * (gw // WINDOW))
-            size, valid = state.size, state.valid
-        else:  # global matching sees the class token too, as row 0, never merged
-            dest, kept = global_merge_plan(x, state.joined_valid(), layer, self.global_threshold, protect_cls=P > 0)
-            kept = kept - P
+        else:
+            dest, kept = global_merge_plan(x, state.joined_valid(), layer, self.global_threshold, protect_cls=lead > 0)
             decide = ("algm_global",)
-            size, valid = state.size, state.joined_valid()
-            if size is not None and P:
-                size = torch.cat([size.new_ones(size.shape[0], P), size], 1)
-        if bool((kept != counts.to(kept.device)).any()):  # no merge anywhere: rows keep their order
-            prefix = P if decide == ("algm_global",) else 0  # rows of x before the grid's
-            x, size, valid = merge_rows(x, dest, size, valid, kept + prefix)
+        if bool((kept != counts.to(kept.device) + lead).any()):  # no merge anywhere: rows keep their order
+            size = state.size
+            if size is not None and lead:
+                size = torch.cat([size.new_ones(size.shape[0], lead), size], 1)
+            valid = state.valid if local else state.joined_valid()
+            x, size, valid = merge_rows(x, dest, size, valid, kept)
             # ALGM parks nothing: every position has a row
-            state.source = dest.gather(1, state.source + prefix) - prefix
-            state.size, state.valid = size[:, prefix:], None if valid is None else valid[:, prefix:]
-        if decide == ("algm_global",):
+            state.source = dest.gather(1, state.source + lead) - lead
+            state.size, state.valid = size[:, lead:], None if valid is None else valid[:, lead:]
+        if not local:
             x = state.split(x)
         state.x = state.split(mlp_residual(block, state.joined(x), state.joined_valid(), self.batching))
         state.trace.add(("algm_attention",), state.block_counts(counts))
-        state.trace.add(decide, counts + P if decide == ("algm_global",) else counts)
+        state.trace.add(decide, counts + lead)  # local: priced by its windows, whatever the count
         state.trace.add(("algm_mlp",), state.block_counts())
 
     def cost_probe(self, model, key: tuple, n: int):

@@ -315,7 +315,7 @@ def test_flops_equal_fvcore_with_the_class_token():
         "tome": (lambda: ToMePolicy(seg.depth, r=3), seg),
         "algm": (lambda: ALGMPolicy(seg.depth, threshold=0.0), seg),
     }
-    for h, w in [(32, 32), (32, 48)]:
+    for h, w in [(32, 48)]:
         x = images(1, h, w)
         for name, (make, owner) in policies.items():
             policy = make()
