@@ -24,10 +24,16 @@ Differences from the reference, all because of how our harness batches:
    threshold's statistics over the batch) so that shapes stay fixed; here every image
    merges its own count (the reference at batch size 1) and batches become ragged, run
    with padding or packed like the other adaptive methods (``batching``);
- - our model has no class token, so the global statistics are over every A token (the
-   reference skips row 0, its class token);
+ - a model without a class token (``tiny``) has its global statistics over every A
+   token (the reference skips row 0, its class token);
  - grids with an odd side keep the last row / column out of the windows (the reference
    refuses them).
+
+A class token (``ModelConfig.class_token``) is handled as the reference does: local
+merging sees the grid tokens only; global matching runs on the class token then the
+rows, the class token being row 0 of set A, never merged and left out of the
+statistics, and the unmerged A rows keep their order (so it stays row 0). It takes part
+in every attention, in no merge, and the decoder never sees it.
 
 Default layers: the reference uses layers 1 and 5 of 12. Local merging stays in layer 1;
 the global layer keeps the share of blocks before it: 1 + round(4 * depth / 12), i.e.
@@ -114,19 +120,24 @@ def bipartite_scores(metric: Tensor) -> Tensor:
 
 
 def global_merge_plan(x: Tensor, valid: Optional[Tensor], layer: int,
-                      threshold: Optional[float] = None) -> tuple[Tensor, Tensor]:
+                      threshold: Optional[float] = None, protect_cls: bool = False) -> tuple[Tensor, Tensor]:
     """ALGM's global merging on ``x`` (B, n, D), real rows first (``valid``; None: all):
     ``dest`` (B, n) and the rows per image (B,). Every A token whose best B similarity is
     at least the threshold merges into that B token; the threshold is ``threshold`` or,
     per image, mean + std / ``layer`` of the A tokens' best similarities. Rows come in the
     reference's order: unmerged A tokens (most similar first), then every B token.
-    Padded rows go to row ``n`` (a row past the end, dropped)."""
+    Padded rows go to row ``n`` (a row past the end, dropped). ``protect_cls``: row 0 is
+    a class token: it never merges, is left out of the statistics, and the unmerged A
+    tokens keep their order, so it stays row 0 (the reference's ``class_token``)."""
     B, n, _ = x.shape
     if valid is None:
         valid = torch.ones(B, n, dtype=torch.bool, device=x.device)
     a_valid, b_valid = valid[:, ::2], valid[:, 1::2]
     scores = bipartite_scores(x).masked_fill(~b_valid[:, None, :], float("-inf"))
     best, match = scores.max(-1)  # (B, |A|)
+    if protect_cls:
+        best = best.clone()
+        best[:, 0] = float("-inf")
     real = a_valid & (best > float("-inf"))  # A tokens that have some B token to merge into
     if threshold is None:
         count = real.sum(1, keepdim=True)
@@ -143,7 +154,8 @@ def global_merge_plan(x: Tensor, valid: Optional[Tensor], layer: int,
     rank = order_key.argsort(dim=1, descending=True, stable=True).argsort(1)
     kept_a = a_valid.sum(1) - r  # unmerged A tokens per image
     dest = torch.full((B, n), n, dtype=torch.long, device=x.device)
-    dest[:, ::2] = torch.where(merges, kept_a[:, None] + match, rank - r[:, None])
+    kept_row = (a_valid & ~merges).long().cumsum(1) - 1 if protect_cls else rank - r[:, None]
+    dest[:, ::2] = torch.where(merges, kept_a[:, None] + match, kept_row)
     dest[:, 1::2] = kept_a[:, None] + torch.arange(b_valid.shape[1], device=x.device)
     dest = torch.where(valid, dest, n)
     return dest, valid.sum(1) - r
@@ -229,21 +241,34 @@ class ALGMPolicy(Policy):
         if layer not in self.layers:
             return super().run_block(index, block, state)
         counts = state.counts()
-        x = attention_residual(block, state.x, state.valid, self.batching)
-        if layer == self.layers[0]:  # nothing merged before: rows are the grid, in order
+        x = attention_residual(block, state.joined(), state.joined_valid(), self.batching)
+        local = layer == self.layers[0]
+        # rows of x before the grid's: local merging sees the grid only, global matching the
+        # class token too, as row 0, never merged (both as the reference)
+        lead = 0 if local else state.num_prefix
+        if local:  # nothing merged before: rows are the grid, in order
+            x = state.split(x)
             dest, kept = local_merge_plan(x, state.grid, self.threshold)
             gh, gw = state.grid
             decide = ("algm_local", (gh // WINDOW) * (gw // WINDOW))
         else:
-            dest, kept = global_merge_plan(x, state.valid, layer, self.global_threshold)
+            dest, kept = global_merge_plan(x, state.joined_valid(), layer, self.global_threshold, protect_cls=lead > 0)
             decide = ("algm_global",)
-        if bool((kept != counts.to(kept.device)).any()):  # no merge anywhere: rows keep their order
-            x, state.size, state.valid = merge_rows(x, dest, state.size, state.valid, kept)
-            state.source = dest.gather(1, state.source)  # ALGM parks nothing: every position has a row
-        state.x = mlp_residual(block, x, state.valid, self.batching)
-        state.trace.add(("algm_attention",), counts)
-        state.trace.add(decide, counts)
-        state.trace.add(("algm_mlp",), state.counts())
+        if bool((kept != counts.to(kept.device) + lead).any()):  # no merge anywhere: rows keep their order
+            size = state.size
+            if size is not None and lead:
+                size = torch.cat([size.new_ones(size.shape[0], lead), size], 1)
+            valid = state.valid if local else state.joined_valid()
+            x, size, valid = merge_rows(x, dest, size, valid, kept)
+            # ALGM parks nothing: every position has a row
+            state.source = dest.gather(1, state.source + lead) - lead
+            state.size, state.valid = size[:, lead:], None if valid is None else valid[:, lead:]
+        if not local:
+            x = state.split(x)
+        state.x = state.split(mlp_residual(block, state.joined(x), state.joined_valid(), self.batching))
+        state.trace.add(("algm_attention",), state.block_counts(counts))
+        state.trace.add(decide, counts + lead)  # local: priced by its windows, whatever the count
+        state.trace.add(("algm_mlp",), state.block_counts())
 
     def cost_probe(self, model, key: tuple, n: int):
         p = next(model.parameters())

@@ -16,6 +16,11 @@ Two modes, one ``threshold`` in [0, 1]; a test passes where confidence > thresho
          that head's logits, bilinearly upsampled (as the decoder's). The decoder does
          not run for it (``Policy.decodes``), nor is it counted.
 
+A class token (``ModelConfig.class_token``) never exits, in either mode: it is no grid
+row, no head scores it, and every block runs it (``methods.encoder``), so an image that
+exited whole still pays one token per later block (the class token alone; its output is
+not read).
+
 Unlike PAUMER (whose paused tokens re-join and are labelled by the decoder), an exited
 token's label is final. Compute trace: ("head",) at each exit layer on the tokens still
 active (head + log-softmax), ("paint", H, W) for each image with exited pixels (the

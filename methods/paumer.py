@@ -16,6 +16,9 @@ Scores (``criterion``), each in [0, 1], low = confident:
               (``stay``, one per layer), spread image to image by +-``spread``; the
               lowest-entropy tokens pause (``scheduled_selection``)
 
+A class token (``ModelConfig.class_token``) never pauses: it is not a grid row, no head
+scores it, and it runs through every block (``methods.encoder``).
+
 Inference gathers (``TokenState.keep``): compute really falls. Training *simulates*
 pausing with an attention mask (a paused token neither attends nor is attended to, and
 its state is frozen), tau drawn at random per batch, so one network serves every tau;
@@ -231,10 +234,11 @@ class PaumerPolicy(Policy):
     def run_block(self, index: int, block, state: TokenState) -> None:
         if not self.simulate:
             return super().run_block(index, block, state)
-        # masked simulation: paused tokens are hidden as keys, their outputs discarded
-        out = block(state.x, attn_mask=self.active[:, None, None, :])
+        # masked simulation: paused tokens are hidden as keys, their outputs discarded (the
+        # class token, in the prefix, is never paused)
+        out = state.split(block(state.joined(), attn_mask=state.joined_valid(self.active)[:, None, None, :]))
         state.x = torch.where(self.active[..., None], out, state.x)
-        state.trace.add(("block",), self.active.sum(1))
+        state.trace.add(("block",), state.block_counts(self.active.sum(1)))
 
     def after_block(self, index: int, block, state: TokenState) -> None:
         if index + 1 not in self.layers:

@@ -20,6 +20,11 @@ to float rounding) and ``after`` is cheaper: the decoder runs on the merged coun
 Training-free: it runs on the baseline's weights. Every image of a batch merges the same
 ``r`` per block, so shapes stay fixed and no padding is needed.
 
+A class token (``ModelConfig.class_token``) is handled as ToMe's ``protect_cls``: the
+block's rows are the class token then the grid rows, so it is row 0 of set A and takes
+part in attention and matching, but its scores are -inf (it never merges), at most
+(n - 1) // 2 rows merge, and the unmerged A rows keep their order so it stays row 0.
+
 The algorithm is the pure functions ``r_schedule``, ``tokens_per_block``,
 ``bipartite_soft_matching``, ``merge_wavg``, ``proportional_attention``; ``tome_block``
 runs one timm ``Block`` with them; ``ToMePolicy`` plugs that into the encoder loop.
@@ -111,21 +116,28 @@ def tokens_per_block(n: int, rs: Sequence[int]) -> list[int]:
     return counts
 
 
-def bipartite_soft_matching(metric: Tensor, r: int) -> Tensor:
+def bipartite_soft_matching(metric: Tensor, r: int, protect_cls: bool = False) -> Tensor:
     """ToMe's matching on ``metric`` (B, n, d) -> ``dest`` (B, n) long: the row, among
     the n - r merged rows, that each token goes to (rows with one dest merge).
 
     Merged rows are in ToMe's order: the A tokens that stay (most similar match first),
-    then every B token in its order. ``r`` must be in [0, n // 2].
+    then every B token in its order. ``r`` must be in [0, n // 2]. ``protect_cls``: row 0
+    is a class token that never merges (ToMe's ``protect_cls``); the A tokens that stay
+    then keep their order, so it stays row 0, and ``r`` must be in [0, (n - 1) // 2].
     """
     B, n, _ = metric.shape
     metric = F.normalize(metric, dim=-1)
     a, b = metric[:, ::2], metric[:, 1::2]
     best, match = (a @ b.transpose(1, 2)).max(-1)  # (B, |A|): each A token's best B token
+    if protect_cls:
+        best = best.clone()
+        best[:, 0] = float("-inf")
     rank = best.argsort(-1, descending=True).argsort(-1)  # 0 = most similar A token
     kept = a.shape[1] - r  # A tokens that stay
+    merged = rank < r
+    kept_row = (~merged).long().cumsum(-1) - 1 if protect_cls else rank - r
     dest = torch.empty(B, n, dtype=torch.long, device=metric.device)
-    dest[:, ::2] = torch.where(rank < r, kept + match, rank - r)
+    dest[:, ::2] = torch.where(merged, kept + match, kept_row)
     dest[:, 1::2] = kept + torch.arange(b.shape[1], device=metric.device)
     return dest
 
@@ -171,7 +183,7 @@ def attention(attn: nn.Module, x: Tensor, size: Optional[Tensor]) -> tuple[Tenso
 
 
 def tome_block(block: nn.Module, x: Tensor, size: Optional[Tensor], r: int,
-               prop_attn: bool = True) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+               prop_attn: bool = True, protect_cls: bool = False) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
     """timm ``Block.forward`` with ToMe's merge between attention and MLP.
 
     Modifications:
@@ -181,13 +193,14 @@ def tome_block(block: nn.Module, x: Tensor, size: Optional[Tensor], r: int,
        those keys, ``merge_wavg``), so the MLP runs on n - r tokens.
 
     Returns (x, size, dest): ``dest`` (B, n) maps old rows to merged rows; with r == 0
-    nothing merges and ``size`` and ``dest`` come back unchanged / None.
+    nothing merges and ``size`` and ``dest`` come back unchanged / None. ``protect_cls``:
+    row 0 is a class token, which never merges (``bipartite_soft_matching``).
     """
     y, metric = attention(block.attn, block.norm1(x), size if prop_attn else None)
     x = x + block.drop_path1(block.ls1(y))
     dest = None
     if r > 0:
-        dest = bipartite_soft_matching(metric, r)
+        dest = bipartite_soft_matching(metric, r, protect_cls)
         x, size = merge_wavg(x, dest, size, x.shape[1] - r)
     x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
     return x, size, dest
@@ -196,12 +209,12 @@ def tome_block(block: nn.Module, x: Tensor, size: Optional[Tensor], r: int,
 class ToMeBlock(nn.Module):
     """One block merging ``r`` tokens of unit size: the cost probe of ("tome_block", r)."""
 
-    def __init__(self, block: nn.Module, r: int):
+    def __init__(self, block: nn.Module, r: int, protect_cls: bool = False):
         super().__init__()
-        self.block, self.r = block, r
+        self.block, self.r, self.protect_cls = block, r, protect_cls
 
     def forward(self, x: Tensor) -> Tensor:
-        return tome_block(self.block, x, None, self.r)[0]
+        return tome_block(self.block, x, None, self.r, protect_cls=self.protect_cls)[0]
 
 
 class ToMePolicy(Policy):
@@ -227,11 +240,17 @@ class ToMePolicy(Policy):
 
     def run_block(self, index: int, block, state: TokenState) -> None:
         r = self.rs[index]
-        counts = state.counts()
-        state.x, state.size, dest = tome_block(block, state.x, state.size, r, self.prop_attn)
+        counts = state.block_counts()  # the class token is computed, so priced
+        P = state.num_prefix  # 0 or 1: the block runs on [class token, grid rows]
+        size = state.size
+        if size is not None and P:
+            size = torch.cat([size.new_ones(size.shape[0], P), size], 1)
+        x, size, dest = tome_block(block, state.joined(), size, r, self.prop_attn, protect_cls=P > 0)
+        state.x = state.split(x)
+        state.size = size[:, P:] if size is not None else None
         if dest is not None:  # every grid position follows its row to the merged row
             source = state.source
-            state.source = torch.where(source >= 0, dest.gather(1, source.clamp(min=0)), -1)
+            state.source = torch.where(source >= 0, dest.gather(1, source.clamp(min=0) + P) - P, -1)
         state.trace.add(("tome_block", r), counts)
 
     def cost_probe(self, model, key: tuple, n: int):
@@ -239,4 +258,5 @@ class ToMePolicy(Policy):
             return super().cost_probe(model, key, n)
         p = next(model.parameters())
         x = torch.zeros(1, n, model.config.embed_dim, dtype=p.dtype, device=p.device)
-        return ToMeBlock(model.blocks[0], key[1]), (x,)  # every block has the same shape
+        # every block has the same shape; n counts the class token, protected as in the forward
+        return ToMeBlock(model.blocks[0], key[1], protect_cls=model.num_prefix_tokens > 0), (x,)
