@@ -19,6 +19,11 @@ def train_options(f):
         click.option("--decoder", type=click.Choice(["linear", "mask"]), default=None, help="decoder (default: the dataset's)"),
         click.option("--depth", type=click.IntRange(min=1), default=None, help="encoder blocks (default: the preset's)"),
         click.option("--pretrained", is_flag=True, help="start from timm's ImageNet weights (needs the network or a warm cache)"),
+        click.option("--weights", default=None,
+                     help="import a trained baseline instead of training one: a bench checkpoint, "
+                          "rstrudel/segmenter's checkpoint.pth or mmsegmentation's Segmenter .pth"),
+        click.option("--weights-format", type=click.Choice(["bench", "segmenter", "mmseg"]), default=None,
+                     help="the layout of --weights (default: detected from its key names)"),
         click.option("--steps", type=click.IntRange(min=1), default=None, help="training budget in steps (default: the dataset's)"),
         click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N"),
         click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True, help="torch CPU threads"),
@@ -160,7 +165,11 @@ def _dataset_name(opts) -> str:
 @click.option("--batching", type=click.Choice(["pad", "packed"]), default="pad", show_default=True)
 @click.option("--tome-r", type=click.IntRange(min=0), default=None, help="ToMe's r (default: half the largest)")
 @click.option("--scale", type=float, default=0.75, show_default=True, help="static's input scale")
-@click.option("--num-classes", type=click.IntRange(min=1), default=19, show_default=True)
+@click.option("--num-classes", type=click.IntRange(min=1), default=None,
+              help="decoder classes (default: 19, Cityscapes', or those of --weights)")
+@click.option("--weights", default=None, help="time these trained weights (see `bench run --weights`), not random ones")
+@click.option("--weights-format", type=click.Choice(["bench", "segmenter", "mmseg"]), default=None,
+              help="the layout of --weights (default: detected)")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True)
 @click.option("--timing-images", type=click.IntRange(min=1), default=16, show_default=True)
