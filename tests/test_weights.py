@@ -237,3 +237,39 @@ def test_published_numbers_are_data_with_their_source():
     name = Path(mm.url.rsplit("/", 1)[1])
     assert find_released(name, "ade20k", "ffcf7509" + "0" * 56, "vit_tiny", "mask") is mm
     assert find_released(name, "ade20k", "0" * 64, "vit_tiny", "mask") is None  # another file under that name
+
+
+def test_report_draws_the_published_point_of_a_released_baseline_at_its_cost():
+    from bench.released import RELEASED
+    from bench.report import figure_style, table, tradeoff_figure
+    from tests.test_report import full_record
+
+    row = next(r for r in RELEASED if r.name == "Seg-T-Mask/16")
+    source = {"format": "segmenter", "released": row.key}
+    records = [full_record("baseline", {}, 0.36, 2.0, baseline_source=source),
+               full_record("paumer", {"tau": 0.2}, 0.35, 1.5, baseline_source=source)]
+    with figure_style() as plt:
+        fig = tradeoff_figure(table(records), "toy")
+        points = [[(l.get_xdata()[0], l.get_ydata()[0]) for l in ax.get_lines() if l.get_label().startswith("published")]
+                  for ax in fig.axes if ax.get_xlabel()]
+        plt.close(fig)
+        plain = tradeoff_figure(table([full_record("baseline", {}, 0.36, 2.0)]), "toy")
+        assert not [l for ax in plain.axes for l in ax.get_lines() if l.get_label().startswith("published")]
+        plt.close(plain)
+    assert points[0] == [(2.0, 38.1)]  # at the baseline's GFLOPs: ratio 1.0
+    assert all(p == [(1.0, 38.1)] for p in points[1:]) and len(points) == 3  # speedup 1.0 at each batch size
+
+
+def test_speed_times_imported_weights_and_names_them(tmp_path, monkeypatch):
+    from bench.speed import SpeedOptions, run_speed
+    from bench.train import weights_hash
+    from methods import segmenter
+
+    monkeypatch.setitem(segmenter.PRESETS, "tiny", ModelConfig(**{**SHAPE, "depth": 4, "decoder": "mask"}))
+    source = tiny("mask", depth=4, classes=7)
+    torch.save(as_segmenter(source), tmp_path / "w.pth")
+    opts = SpeedOptions(model="tiny", size=32, batch_sizes=[1], methods=["static"], timing_images=2, repeats=1,
+                        results=str(tmp_path / "res"), weights=str(tmp_path / "w.pth"))
+    records = run_speed(opts)
+    assert {r["checkpoint"] for r in records} == {weights_hash(source)}
+    assert all(r["eval"]["num_classes"] == 7 for r in records)  # the checkpoint's classes
