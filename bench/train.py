@@ -70,11 +70,25 @@ class TrainConfig:
         d["scale_range"] = list(self.scale_range)
         if d["optimizer"] == "adamw":  # added later: the default keeps earlier config hashes
             del d["optimizer"]
+        # the model's class token counts only when on (a preset's default included): a model
+        # without one hashes as before the option, one with it never loads another's weights
+        d["model_overrides"] = {k: v for k, v in d["model_overrides"].items() if k != "class_token"}
+        if _has_class_token(self.model, self.model_overrides):
+            d["class_token"] = True
         return d
 
     def hash(self) -> str:
         blob = json.dumps(self.to_dict(), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def _has_class_token(preset: str, overrides: dict) -> bool:
+    from methods.segmenter import model_config
+
+    try:
+        return model_config(preset, **overrides).class_token
+    except (TypeError, ValueError):  # a bad preset or override is refused where the model is built
+        return bool(overrides.get("class_token"))
 
 
 def normalize(images: Tensor) -> Tensor:

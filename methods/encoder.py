@@ -14,6 +14,13 @@ with a key-padding mask (padded rows are computed and thrown away); "packed" run
 block's linear layers on the real rows only and attention image by image
 (``packed_block``). A batch where every image keeps the same number of tokens (always
 the case at batch 1) runs with no mask either way: exactly the baseline's path.
+
+A model with a class token (``ModelConfig.class_token``) hands the loop its *prefix*:
+``TokenState.prefix`` (B, P, D) holds it apart from the grid rows ``x``, so that no
+policy's decision (pause, exit, merge) ever sees it. Every block runs on the prefix
+followed by the active rows (``TokenState.joined`` / ``split``), so the class token
+attends and is attended to in every block, and the decoder never sees it. Traces count
+it where compute is priced (``TokenState.block_counts``), not in ``tokens`` (grid tokens).
 """
 from __future__ import annotations
 
@@ -29,7 +36,8 @@ from torch import Tensor
 class ComputeTrace:
     """What one forward computed, per image, in units a FLOP model can price.
 
-    ``tokens`` is (B, depth): how many tokens each block processed for each image.
+    ``tokens`` is (B, depth): how many grid tokens each block processed for each image
+    (a class token is not counted here; it is in the blocks' ``items``).
     ``items`` lists (component key, per-image token counts) for every priced component
     that ran: the loop adds one ("block", counts) per block; a method adds its own
     (heads, matching). ``bench.flops`` prices each key at each count once and caches it.
@@ -68,7 +76,11 @@ class ComputeTrace:
 class TokenState:
     """Active tokens of a batch plus the map back to the full token grid."""
 
-    def __init__(self, tokens: Tensor, grid: tuple[int, int], depth: int):
+    def __init__(self, tokens: Tensor, grid: tuple[int, int], depth: int, prefix: int = 0):
+        """``tokens`` (B, P + N, D): ``prefix`` = P tokens with no grid position (the class
+        token) first, then the N grid tokens."""
+        self.prefix: Optional[Tensor] = tokens[:, :prefix] if prefix else None  # (B, P, D)
+        tokens = tokens[:, prefix:]
         B, N, _ = tokens.shape
         self.x = tokens
         self.grid = grid
@@ -94,8 +106,39 @@ class TokenState:
         return self.valid.sum(1)
 
     def key_mask(self) -> Optional[Tensor]:
-        """Boolean attention mask (B, 1, 1, n) that hides padded rows, or None."""
-        return None if self.valid is None else self.valid[:, None, None, :]
+        """Boolean attention mask (B, 1, 1, P + n) that hides padded rows of ``joined()``, or None."""
+        valid = self.joined_valid()
+        return None if valid is None else valid[:, None, None, :]
+
+    @property
+    def num_prefix(self) -> int:
+        return 0 if self.prefix is None else self.prefix.shape[1]
+
+    def joined(self, x: Optional[Tensor] = None) -> Tensor:
+        """What a block runs on: the prefix (class token) rows, then the active rows ``x``
+        (default ``self.x``), (B, P + n, D)."""
+        x = self.x if x is None else x
+        return x if self.prefix is None else torch.cat([self.prefix, x], 1)
+
+    def joined_valid(self, valid: Optional[Tensor] = None) -> Optional[Tensor]:
+        """``valid`` (default ``self.valid``) with the prefix rows, always real, first."""
+        valid = self.valid if valid is None else valid
+        if valid is None or self.prefix is None:
+            return valid
+        return torch.cat([valid.new_ones(valid.shape[0], self.num_prefix), valid], 1)
+
+    def split(self, joined: Tensor) -> Tensor:
+        """A block's output on ``joined()`` rows: keeps the prefix rows, returns the others."""
+        if self.prefix is None:
+            return joined
+        self.prefix = joined[:, : self.num_prefix]
+        return joined[:, self.num_prefix :]
+
+    def block_counts(self, counts: Optional[Tensor] = None) -> Tensor:
+        """Tokens a block computes per image: the real active rows (``counts``, default
+        ``counts()``) plus the prefix. What traces price blocks at."""
+        counts = self.counts() if counts is None else counts
+        return counts + self.num_prefix
 
     def keep(self, keep: Tensor, layer: int) -> None:
         """Keep rows where ``keep`` (B, n) is True; park the others' tokens as they are.
@@ -198,10 +241,11 @@ class Policy:
 
     def run_block(self, index: int, block, state: TokenState) -> None:
         if state.valid is not None and self.batching == "packed":
-            state.x = packed_block(block, state.x, state.valid, state.row_counts)
+            segments = None if state.row_counts is None else [c + state.num_prefix for c in state.row_counts]
+            state.x = state.split(packed_block(block, state.joined(), state.joined_valid(), segments))
         else:
-            state.x = block(state.x, attn_mask=state.key_mask())
-        state.trace.add(("block",), state.counts())
+            state.x = state.split(block(state.joined(), attn_mask=state.key_mask()))
+        state.trace.add(("block",), state.block_counts())
 
     def after_block(self, index: int, block, state: TokenState) -> None:
         """Called after block ``index``: select, pause, merge or exit tokens here."""
@@ -224,13 +268,15 @@ class Policy:
         return {}
 
 
-def run_encoder(blocks, tokens: Tensor, grid: tuple[int, int], policy: Policy, model=None) -> TokenState:
-    """Run ``blocks`` over ``tokens`` under ``policy``; returns the final state."""
-    state = TokenState(tokens, grid, depth=len(blocks))
+def run_encoder(blocks, tokens: Tensor, grid: tuple[int, int], policy: Policy, model=None,
+                prefix: int = 0) -> TokenState:
+    """Run ``blocks`` over ``tokens`` under ``policy``; returns the final state. The first
+    ``prefix`` tokens (a class token) have no grid position: every block runs them."""
+    state = TokenState(tokens, grid, depth=len(blocks), prefix=prefix)
     policy.start(model, state)
     for i, block in enumerate(blocks):
         state.trace.tokens[:, i] = state.counts()
-        if state.x.shape[1] > 0:  # the batch's largest count (``keep`` trims to it)
+        if state.x.shape[1] + state.num_prefix > 0:  # the batch's largest count (``keep`` trims to it)
             policy.run_block(i, block, state)
         policy.after_block(i, block, state)
     return state

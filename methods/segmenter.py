@@ -4,10 +4,16 @@ The network is split where methods plug in: ``embed`` (patch embedding + positio
 embedding resized to the input), the encoder loop (``methods.encoder.run_encoder``),
 and ``decode`` (final norm + linear or mask-transformer decoder, upsampled to pixels).
 
-One deliberate difference from Segmenter: there is no class token. Segmenter carries
-ViT's class token through the encoder and drops it before the decoder; every adaptive
-method would have to special-case a token that has no grid position, for 1 token in
-hundreds. ImageNet weights load with the class token's embedding unused.
+The class token (``ModelConfig.class_token``): Segmenter carries ViT's class token
+through the encoder, where it takes part in attention, and drops it before the decoder.
+With ``class_token`` on, so does this model: ``embed`` puts it first (row 0, its
+position embedding first too: timm's layout, one prefix token), the encoder state keeps
+it apart from the grid tokens (``TokenState.prefix``: no method pauses, exits or merges
+it; every block computes it) and the decoder sees the grid only. The ``vit_*`` presets
+(Segmenter's shapes, those of its released weights) have it on; ``tiny`` has it off (our
+CPU model, and every stored checkpoint and record of it, predate the option; a token
+with no grid position buys nothing there). ImageNet weights (``--pretrained``) load the
+class token and its position embedding when the model has one, and drop them otherwise.
 """
 from __future__ import annotations
 
@@ -36,19 +42,25 @@ class ModelConfig:
     img_size: int = 128  # position embeddings are learnt on this grid, resized otherwise
     drop_path: float = 0.1
     timm_name: Optional[str] = None  # where ImageNet weights come from (--pretrained)
+    class_token: bool = False  # ViT's class token through the encoder (Segmenter's); see the module notes
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return int(self.class_token)
 
 
 # Presets are data. `tiny` is our CPU model for `synthetic` (see README: 6 blocks of
-# ViT-Ti width on 8x8 patches trains to a useful mIoU in ~15 min on 2 cores). The vit_*
-# shapes are Segmenter's (patch 16, mask decoder with 2 layers).
+# ViT-Ti width on 8x8 patches trains to a useful mIoU in ~15 min on 2 cores), without a
+# class token. The vit_* shapes are Segmenter's (patch 16, mask decoder with 2 layers,
+# class token).
 PRESETS: dict[str, ModelConfig] = {
     "tiny": ModelConfig(),
     "vit_tiny": ModelConfig(16, 192, 12, 3, decoder="mask", img_size=512,
-                            timm_name="vit_tiny_patch16_384.augreg_in21k_ft_in1k"),
+                            timm_name="vit_tiny_patch16_384.augreg_in21k_ft_in1k", class_token=True),
     "vit_small": ModelConfig(16, 384, 12, 6, decoder="mask", img_size=512,
-                             timm_name="vit_small_patch16_384.augreg_in21k_ft_in1k"),
+                             timm_name="vit_small_patch16_384.augreg_in21k_ft_in1k", class_token=True),
     "vit_base": ModelConfig(16, 768, 12, 12, decoder="mask", img_size=512,
-                            timm_name="vit_base_patch16_384.augreg_in21k_ft_in1k"),
+                            timm_name="vit_base_patch16_384.augreg_in21k_ft_in1k", class_token=True),
 }
 
 
@@ -127,7 +139,11 @@ class Segmenter(nn.Module):
         self.patch_embed = PatchEmbed(c.img_size, c.patch_size, 3, c.embed_dim, flatten=False,
                                       output_fmt="NHWC", strict_img_size=False)
         self.base_grid = (c.img_size // c.patch_size,) * 2
-        self.pos_embed = nn.Parameter(torch.zeros(1, self.base_grid[0] * self.base_grid[1], c.embed_dim))
+        self.num_prefix_tokens = c.num_prefix_tokens
+        if c.class_token:
+            self.cls_token = nn.Parameter(torch.zeros(1, 1, c.embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_prefix_tokens + self.base_grid[0] * self.base_grid[1],
+                                                  c.embed_dim))
         self.blocks = nn.ModuleList(
             Block(c.embed_dim, c.num_heads, c.mlp_ratio, qkv_bias=True,
                   drop_path=c.drop_path * i / max(c.depth - 1, 1))
@@ -141,6 +157,8 @@ class Segmenter(nn.Module):
         else:
             raise ValueError(f"unknown decoder {c.decoder!r}; expected 'linear' or 'mask'")
         trunc_normal_(self.pos_embed, std=0.02)
+        if c.class_token:
+            trunc_normal_(self.cls_token, std=0.02)  # as timm's VisionTransformer
         self.apply(_init_weights)
 
     @property
@@ -151,13 +169,18 @@ class Segmenter(nn.Module):
         return height // self.patch_size, width // self.patch_size
 
     def embed(self, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
-        """Images (B, 3, H, W), H and W multiples of the patch size -> tokens (B, N, D)."""
+        """Images (B, 3, H, W), H and W multiples of the patch size -> tokens (B, P + N, D):
+        the class token first when the model has one (P = ``num_prefix_tokens``), then
+        the N grid tokens in row-major order."""
         x = self.patch_embed(images)
         B, gh, gw, D = x.shape
         pos = self.pos_embed
-        if (gh, gw) != self.base_grid:
-            pos = resample_abs_pos_embed(pos, [gh, gw], list(self.base_grid), num_prefix_tokens=0)
-        return x.reshape(B, gh * gw, D) + pos, (gh, gw)
+        if (gh, gw) != self.base_grid:  # the prefix's embedding is kept as it is
+            pos = resample_abs_pos_embed(pos, [gh, gw], list(self.base_grid), num_prefix_tokens=self.num_prefix_tokens)
+        x = x.reshape(B, gh * gw, D)
+        if self.num_prefix_tokens:
+            x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)
+        return x + pos, (gh, gw)
 
     def decode(self, tokens: Tensor, grid: tuple[int, int], out_size: tuple[int, int]) -> Tensor:
         """Full token grid (B, N, D) -> logits (B, C, H, W)."""
@@ -184,7 +207,7 @@ class Segmenter(nn.Module):
         """Logits and the encoder's final state (compute trace, where tokens left)."""
         policy = policy or Policy()
         tokens, grid = self.embed(images)
-        state = run_encoder(self.blocks, tokens, grid, policy, model=self)
+        state = run_encoder(self.blocks, tokens, grid, policy, model=self, prefix=self.num_prefix_tokens)
         decode, out_size = policy.decodes(state), images.shape[-2:]
         if policy.unmerge == "after" and decode is None:  # decode the merged rows, then unmerge
             if state.any_left:  # a host flag: no sync
@@ -244,16 +267,24 @@ def load_imagenet_weights(model: Segmenter) -> None:
 
 def copy_timm_encoder(model: Segmenter, vit: nn.Module) -> None:
     """Copy a timm VisionTransformer's patch embedding, blocks and norm into ``model``.
-    The class token is dropped; position embeddings are resized to the model's grid."""
+    Position embeddings are resized to the model's grid; the class token and its position
+    embedding are copied when the model has a class token, dropped otherwise."""
     state = vit.state_dict()
     prefix = getattr(vit, "num_prefix_tokens", 1)
     pos = state["pos_embed"]
     old = int(math.sqrt(pos.shape[1] - prefix))
+    pos = resample_abs_pos_embed(pos, list(model.base_grid), [old, old], num_prefix_tokens=prefix)
+    if model.num_prefix_tokens:
+        if prefix != model.num_prefix_tokens or "cls_token" not in state:
+            raise ValueError(f"timm weights do not fit this preset: they have {prefix} prefix token(s), "
+                             f"the model a class token only")
     ours = {
-        "pos_embed": resample_abs_pos_embed(pos, list(model.base_grid), [old, old], num_prefix_tokens=prefix)[:, prefix:],
+        "pos_embed": pos[:, prefix - model.num_prefix_tokens:],
         "norm.weight": state["norm.weight"],
         "norm.bias": state["norm.bias"],
     }
+    if model.num_prefix_tokens:
+        ours["cls_token"] = state["cls_token"]
     for k, v in state.items():
         if k.startswith(("patch_embed.", "blocks.")):
             ours[k] = v
@@ -268,4 +299,9 @@ def copy_timm_encoder(model: Segmenter, vit: nn.Module) -> None:
 
 
 def config_dict(config: ModelConfig) -> dict:
-    return asdict(config)
+    """The config as a dict; ``class_token`` only when on, so that a model without one
+    describes (and hashes) as it did before the option existed."""
+    d = asdict(config)
+    if not d["class_token"]:
+        del d["class_token"]
+    return d

@@ -21,7 +21,7 @@ def stages(model, policy, x):
     t = [time.perf_counter()]
     tokens, grid = model.embed(x)
     t.append(time.perf_counter())
-    state = run_encoder(model.blocks, tokens, grid, policy, model=model)
+    state = run_encoder(model.blocks, tokens, grid, policy, model=model, prefix=model.num_prefix_tokens)
     t.append(time.perf_counter())
     full = state.to_grid()
     t.append(time.perf_counter())

@@ -11,7 +11,7 @@ def test_timm_weights_copy_into_the_encoder_with_resized_position_embeddings():
     copy_timm_encoder(model, vit)
     assert torch.equal(model.blocks[3].mlp.fc1.weight, vit.blocks[3].mlp.fc1.weight)
     assert torch.equal(model.patch_embed.proj.weight, vit.patch_embed.proj.weight)
-    assert model.pos_embed.shape == (1, 16, 192)  # 4x4 grid, class token dropped
+    assert model.pos_embed.shape == (1, 1 + 16, 192)  # class token (vit_* presets), then the 4x4 grid
 
 
 def test_weights_of_another_shape_are_refused():
