@@ -223,7 +223,7 @@ def imported_baseline(opts: RunOptions, cfg: TrainConfig):
     model = new_model(cfg)
     model.load_state_dict(_IMPORTED["state"])
     payload = {"model": _IMPORTED["state"], "step": 0, "done": True, "weights": _IMPORTED["weights"],
-               "config": {"imported": True, "hash": None}, "source": _IMPORTED["source"]}
+               "config": {"method": "baseline", "imported": True, "hash": None}, "source": _IMPORTED["source"]}
     return model.eval(), payload
 
 

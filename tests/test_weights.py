@@ -273,3 +273,15 @@ def test_speed_times_imported_weights_and_names_them(tmp_path, monkeypatch):
     records = run_speed(opts)
     assert {r["checkpoint"] for r in records} == {weights_hash(source)}
     assert all(r["eval"]["num_classes"] == 7 for r in records)  # the checkpoint's classes
+
+
+def test_train_with_imported_weights_trains_nothing_for_the_baseline(capsys, tmp_path, toy):
+    from bench.cli import main
+    from bench.train import weights_hash
+
+    source = tiny("linear", depth=3)
+    torch.save(as_segmenter(source), tmp_path / "w.pth")
+    main(["train", "--dataset", "toy", "--checkpoints", str(tmp_path / "ck"), "--quiet", "--weights",
+          str(tmp_path / "w.pth")])
+    assert f"checkpoint ready: baseline weights {weights_hash(source)} after 0 steps" in capsys.readouterr().out
+    assert not (tmp_path / "ck").exists()
