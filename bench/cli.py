@@ -15,10 +15,15 @@ def train_options(f):
         click.option("--data-root", default=None, help="dataset root (default: the dataset's environment variable or ./data)"),
         click.option("--name", "dataset_name", default=None,
                      help="folder datasets: the name its records, checkpoints and reports use (default: bench.json's)"),
-        click.option("--model", default=None, help="model preset: tiny, vit_tiny, vit_small, vit_base (default: the dataset's)"),
+        click.option("--model", default=None, help="model preset: tiny, vit_tiny, vit_small, vit_base, vit_large (default: the dataset's)"),
         click.option("--decoder", type=click.Choice(["linear", "mask"]), default=None, help="decoder (default: the dataset's)"),
         click.option("--depth", type=click.IntRange(min=1), default=None, help="encoder blocks (default: the preset's)"),
         click.option("--pretrained", is_flag=True, help="start from timm's ImageNet weights (needs the network or a warm cache)"),
+        click.option("--weights", default=None,
+                     help="import a trained baseline instead of training one: a bench checkpoint, "
+                          "rstrudel/segmenter's checkpoint.pth or mmsegmentation's Segmenter .pth"),
+        click.option("--weights-format", type=click.Choice(["bench", "segmenter", "mmseg"]), default=None,
+                     help="the layout of --weights (default: detected from its key names)"),
         click.option("--steps", type=click.IntRange(min=1), default=None, help="training budget in steps (default: the dataset's)"),
         click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N"),
         click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True, help="torch CPU threads"),
@@ -169,7 +174,11 @@ def _dataset_name(opts) -> str:
 @click.option("--batching", default="pad", show_default=True, help="pad, packed or pad,packed (each is timed)")
 @click.option("--tome-r", default=None, help="ToMe's r, comma-separated for several (default: half the largest)")
 @click.option("--scale", default="0.75", show_default=True, help="static's input scale(s), comma-separated")
-@click.option("--num-classes", type=click.IntRange(min=1), default=19, show_default=True)
+@click.option("--num-classes", type=click.IntRange(min=1), default=None,
+              help="decoder classes (default: 19, Cityscapes', or those of --weights)")
+@click.option("--weights", default=None, help="time these trained weights (see `bench run --weights`), not random ones")
+@click.option("--weights-format", type=click.Choice(["bench", "segmenter", "mmseg"]), default=None,
+              help="the layout of --weights (default: detected)")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True)
 @click.option("--timing-images", type=click.IntRange(min=1), default=16, show_default=True)

@@ -248,6 +248,7 @@ def table(records: list[dict]) -> pd.DataFrame:
                     # named as --precision names it (older records: "float32", or their `dtype`)
                     "precision": record_precision(r), "compile": bool(r.get("compile")),
                     "threads": r.get("threads"), "images": r.get("images"), "git_commit": r.get("git_commit"),
+                    "released": (r.get("baseline_source") or {}).get("released"),  # bench.released
                     "series": series(r["method"], r["knobs"], swept[r["method"]]),
                     "order": order_keys.index(_order_key(r["knobs"].get(swept[r["method"]])))})
         # a record that names no precision predates --precision: it ran in fp32
@@ -484,6 +485,12 @@ def tradeoff_figure(df: pd.DataFrame, dataset: str, width: str = "text", styles:
                 speedup, drop = SEED_POINTS[dataset]
                 ax.plot([speedup], [base.iloc[0] * (1 - drop)], linestyle="none", marker="P", markersize=7 * shrink,
                         color="grey", label=f"seed paper: {speedup}x at -{100 * drop:.2g}% mIoU")
+        published = published_point(df)
+        if published is not None and len(df[df["method"] == "baseline"]["GFLOPs"].dropna()):
+            # the released checkpoint's published mIoU at the baseline's cost: GFLOPs ratio 1.0
+            cost = df[df["method"] == "baseline"]["GFLOPs"].dropna().iloc[0] if x == "GFLOPs" else 1.0
+            ax.plot([cost], [published.miou], linestyle="none", marker="X", markersize=7 * shrink, color="dimgrey",
+                    label=f"published ({published.name}, single-scale, {published.resolution}px)", zorder=5)
         ax.set_xlabel(label)
     for ax in axes[:, 0]:
         ax.set_ylabel("mIoU (%)")
@@ -502,6 +509,16 @@ def tradeoff_figure(df: pd.DataFrame, dataset: str, width: str = "text", styles:
                    handlelength=2.2, columnspacing=1.2)
         fig.set_size_inches(w, rows * panel_h + 0.15 + 0.15 * math.ceil(len(handles) / ncol))
     return fig
+
+
+def published_point(df: pd.DataFrame):
+    """The released checkpoint (``bench.released``) the group's baseline weights are, or None."""
+    from bench.released import by_key
+
+    if "released" not in df.columns:
+        return None
+    keys = df["released"].dropna().unique()
+    return by_key(keys[0]) if len(keys) == 1 else None
 
 
 def tokens_figure(records: list[dict], width: str = "text"):

@@ -44,6 +44,8 @@ class RunOptions:
     decoder: Optional[str] = None
     depth: Optional[int] = None  # encoder blocks; None = the preset's (the depth study cuts it)
     pretrained: bool = False
+    weights: Optional[str] = None  # --weights: a trained baseline to import instead of training one
+    weights_format: Optional[str] = None  # its layout (bench.weights.FORMATS); None: detected
     data_root: Optional[str] = None
     checkpoints: str = "checkpoints"
     results: str = "results"
@@ -200,6 +202,52 @@ def train_checkpoint(opts: RunOptions, cfg: TrainConfig, model=None, **train_kwa
     return model.eval(), payload
 
 
+def imported_baseline(opts: RunOptions, cfg: TrainConfig):
+    """The baseline of ``cfg`` with the weights of ``opts.weights`` (``bench.weights``):
+    (model, payload). The payload is a checkpoint's, never trained: step 0, ``weights``
+    the hash of the loaded state dict, ``source`` where it came from."""
+    from bench.released import find_released
+    from bench.weights import load_into, read_weights
+
+    if cfg.pretrained:
+        raise BenchError("--weights and --pretrained exclude each other: the imported weights replace ImageNet's")
+    stat = Path(opts.weights).stat() if Path(opts.weights).is_file() else None
+    key = (str(Path(opts.weights).resolve()), stat and (stat.st_size, stat.st_mtime_ns), opts.weights_format,
+           cfg.hash(), json.dumps(cfg.model_overrides, sort_keys=True))
+    if _IMPORTED.get("key") != key:  # validate, plan and run ask for it in turn: read the file once
+        imported = read_weights(opts.weights, opts.weights_format)
+        model = new_model(cfg)
+        weights = load_into(model, imported, preset=cfg.model, num_classes=cfg.num_classes, dataset=cfg.dataset)
+        config = _model_config(cfg)
+        released = find_released(imported.path, cfg.dataset, imported.sha256, cfg.model, config.decoder)
+        source = imported.describe(released.key if released else None)
+        _IMPORTED.clear()
+        _IMPORTED.update(key=key, state={k: v.clone() for k, v in model.state_dict().items()}, weights=weights,
+                         source=source)
+    model = new_model(cfg)
+    model.load_state_dict(_IMPORTED["state"])
+    payload = {"model": _IMPORTED["state"], "step": 0, "done": True, "weights": _IMPORTED["weights"],
+               "config": {"method": "baseline", "imported": True, "hash": None}, "source": _IMPORTED["source"]}
+    return model.eval(), payload
+
+
+_IMPORTED: dict = {}  # the last import (``imported_baseline``)
+
+
+def baseline_checkpoint(opts: RunOptions, cfg: TrainConfig):
+    """The baseline: imported (``--weights``) or trained (``train_checkpoint``)."""
+    if opts.weights is not None:
+        return imported_baseline(opts, cfg)
+    return train_checkpoint(opts, cfg)
+
+
+def stored_baseline(opts: RunOptions, cfg: TrainConfig) -> Optional[dict]:
+    """The baseline's payload when there is one without training (imported or stored)."""
+    if opts.weights is not None:
+        return imported_baseline(opts, cfg)[1]
+    return stored_checkpoint(opts, cfg)
+
+
 def fine_tune_config(method: MethodSpec, base_cfg: TrainConfig, base_weights: str,
                      knobs: Optional[dict] = None) -> TrainConfig:
     """The configuration of ``method``'s fine-tuning from the baseline with these weights,
@@ -290,7 +338,7 @@ def train_method(opts: RunOptions) -> list[dict]:
     validate(opts, spec, ops=[], results=False, train_ops=ops)
     torch.set_num_threads(opts.threads)
     base_cfg = train_config(opts, spec)
-    base_model, base_payload = train_checkpoint(opts, base_cfg)
+    base_model, base_payload = baseline_checkpoint(opts, base_cfg)
     if method.fine_tune is None:
         return [base_payload]
     return [fine_tune(opts, method, spec, base_cfg, base_model, base_payload, group[0])[1]
@@ -446,7 +494,7 @@ def validate(opts: RunOptions, spec: Optional[datasets.DatasetSpec] = None, ops:
     base_cfg = train_config(opts, spec)
     steps = training_plan(opts, method, base_cfg, ops if train_ops is None else train_ops)
     need = sum(_checkpoint_bytes(segmenter if t["method"] == "baseline" else trained, base_cfg.optimizer)
-               for t in steps if t["state"] != "stored")
+               for t in steps if t["state"] not in ("stored", "imported"))
     check_folder(opts.checkpoints, "checkpoint folder", need)
     if results:
         check_folder(opts.results, "results folder")
@@ -470,7 +518,11 @@ def training_plan(opts: RunOptions, method: MethodSpec, base_cfg: TrainConfig, o
                      "state": "stored" if done else ("resume" if step else "train")})
         return payload if done else None
 
-    base = add("baseline", base_cfg, checkpoint_path(opts, base_cfg))
+    if opts.weights is not None:  # imported: nothing to train
+        base = stored_baseline(opts, base_cfg)
+        plan.append({"method": "baseline", "path": str(opts.weights), "steps": 0, "step": 0, "state": "imported"})
+    else:
+        base = add("baseline", base_cfg, checkpoint_path(opts, base_cfg))
     if method.fine_tune is None:
         return plan
     wanted = [(method, group[0]) for group in checkpoint_groups(method, ops)] or [(method, None)]
@@ -506,7 +558,7 @@ def describe_plan(p: dict) -> list[str]:
     lines = [f"{p['dataset']} / {p['method']}:"]
     for t in p["train"]:
         where = f" ({t['path']})" if t["path"] else " (named after the baseline's weights once it is trained)"
-        what = {"stored": f"stored, {t['steps']} steps", "resume": f"would resume at step {t['step']} of {t['steps']}",
+        what = {"stored": f"stored, {t['steps']} steps", "imported": "imported (--weights), not trained", "resume": f"would resume at step {t['step']} of {t['steps']}",
                 "train": f"would train {t['steps']} steps"}[t["state"]]
         lines.append(f"  {t['method']} checkpoint: {what}{where}")
     pending = ", ".join(op_label(k) for k in p["pending"]) if p["pending"] else "none (every point is stored)"
@@ -527,7 +579,7 @@ def pending_ops(opts: RunOptions) -> Optional[list]:
     method = get_method(opts.method)
     spec = dataset_spec(opts)
     base_cfg = train_config(opts, spec)
-    base = stored_checkpoint(opts, base_cfg)
+    base = stored_baseline(opts, base_cfg)
     if base is None:
         return None
     try:
@@ -577,7 +629,7 @@ def run(opts: RunOptions) -> list[dict]:
         return [record for group in groups for record in run(replace(opts, ops=group))]
 
     base_cfg = train_config(opts, spec)
-    base_model, base_payload = train_checkpoint(opts, base_cfg)
+    base_model, base_payload = baseline_checkpoint(opts, base_cfg)
     if method.fine_tune is not None:
         trained, payload = fine_tune(opts, method, spec, base_cfg, base_model, base_payload, ops[0] if ops else None)
     else:
@@ -638,6 +690,7 @@ def run(opts: RunOptions) -> list[dict]:
             **point,  # identity: method, knobs, dataset, split, checkpoint and the settings
             "compile": opts.compile,
             "baseline_checkpoint": base_payload.get("weights"),
+            **({"baseline_source": base_payload["source"]} if "source" in base_payload else {}),
             "model": base_cfg.model,
             "decoder": base_cfg.model_overrides["decoder"],
             "miou": result["miou"],

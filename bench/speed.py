@@ -12,7 +12,7 @@ method goes to ``<results>/speed.jsonl`` (dataset ``speed``). Accuracy is not me
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import torch
@@ -43,7 +43,9 @@ class SpeedOptions:
     batching: str | list = "pad"
     tome_r: Optional[int | list] = None  # None: half the largest constant r for this input
     scale: float | list = 0.75  # static's input scale
-    num_classes: int = 19  # Cityscapes' (the decoder's class count changes its cost)
+    num_classes: Optional[int] = None  # None: 19 (Cityscapes'), or --weights' (the class count changes the decoder's cost)
+    weights: Optional[str] = None  # trained weights to time (``bench.weights``); None: random ones
+    weights_format: Optional[str] = None
     device: str = "cpu"
     threads: int = 2
     timing_images: int = 16
@@ -110,9 +112,9 @@ def build_runs(opts: SpeedOptions, model) -> dict:
     return runs
 
 
-def identity(opts: SpeedOptions, name: str, knobs: dict, decoder: str) -> dict:
+def identity(opts: SpeedOptions, name: str, knobs: dict, decoder: str, checkpoint: Optional[str] = None) -> dict:
     """A speed record's identity: what changes its numbers (``bench.results``)."""
-    return {"method": name, "knobs": knobs, "dataset": DATASET, "split": "random", "checkpoint": None,
+    return {"method": name, "knobs": knobs, "dataset": DATASET, "split": "random", "checkpoint": checkpoint,
             "images": opts.timing_images, "device": opts.device, "precision": opts.precision,
             "batch_sizes": sorted(opts.batch_sizes),
             **({"compile": True} if opts.compile else {}),
@@ -131,10 +133,22 @@ def run_speed(opts: SpeedOptions) -> list[dict]:
     store = ResultsStore(opts.results)
     store.check_writable()
     env = environment(opts.device, opts.threads)
+    imported = checkpoint = None
+    if opts.weights is not None:
+        from bench.weights import read_weights
+
+        imported = read_weights(opts.weights, opts.weights_format)
+    num_classes = opts.num_classes or (imported.shape["num_classes"] if imported else 19)
     try:
-        model = build_model(opts.num_classes, opts.model, **({"decoder": opts.decoder} if opts.decoder else {}))
+        model = build_model(num_classes, opts.model, **({"decoder": opts.decoder} if opts.decoder else {}))
     except (TypeError, ValueError) as e:
         raise BenchError(str(e)) from None
+    if imported is not None:
+        from bench.weights import load_into
+
+        checkpoint = load_into(model, imported, preset=opts.model, num_classes=num_classes,
+                               dataset="--num-classes")
+    opts = replace(opts, num_classes=num_classes)
     if opts.size % model.patch_size:
         raise BenchError(f"--size {opts.size} is not a multiple of the patch size {model.patch_size}")
     model = model.to(opts.device).eval()
@@ -163,7 +177,7 @@ def run_speed(opts: SpeedOptions) -> list[dict]:
         g = flops[label]
         records.append({
             "schema_version": SCHEMA_VERSION,
-            **identity(opts, name, knobs, decoder),
+            **identity(opts, name, knobs, decoder, checkpoint),
             "model": opts.model, "decoder": decoder, "size": opts.size,
             "schedule": policy.describe() if name in ("paumer", "early-exit") else None,
             "compile": opts.compile,

@@ -26,7 +26,7 @@ import submitit
 from bench import datasets, distributed
 from bench.errors import BenchError
 from bench.runner import (RunOptions, dataset_spec, describe_plan, fine_tune_config, get_method, pending_ops, plan,
-                          run, stored_checkpoint, train_config, train_method, validate)
+                          run, stored_baseline, stored_checkpoint, train_config, train_method, validate)
 from methods import CONTROL
 
 CLUSTERS = ("local", "slurm")
@@ -127,7 +127,8 @@ def sweep(base: RunOptions, methods: list[str], dataset_names: list[str], ops: O
         gpus_per_node = 1 if base.device.startswith("cuda") else 0
     # jobs may start elsewhere (another node, another folder): absolute paths
     base = replace(base, checkpoints=str(Path(base.checkpoints).resolve()), results=str(Path(base.results).resolve()),
-                   data_root=str(Path(base.data_root).resolve()) if base.data_root else None)
+                   data_root=str(Path(base.data_root).resolve()) if base.data_root else None,
+                   weights=str(Path(base.weights).resolve()) if base.weights else None)
     try:
         executor = submitit.AutoExecutor(folder=Path(folder).resolve() / "%j", cluster=cluster)
     except RuntimeError as e:  # slurm: no sbatch/srun here
@@ -171,7 +172,7 @@ def sweep(base: RunOptions, methods: list[str], dataset_names: list[str], ops: O
         spec = dataset_spec(opts)
         first = None
         base_cfg = train_config(opts, spec)
-        trained = stored_checkpoint(opts, base_cfg)
+        trained = stored_baseline(opts, base_cfg)  # imported with --weights
         if trained is not None and control is not None:
             trained = stored_checkpoint(opts, fine_tune_config(get_method(control), base_cfg, trained["weights"]))
         if trained is None:

@@ -61,6 +61,9 @@ PRESETS: dict[str, ModelConfig] = {
                              timm_name="vit_small_patch16_384.augreg_in21k_ft_in1k", class_token=True),
     "vit_base": ModelConfig(16, 768, 12, 12, decoder="mask", img_size=512,
                             timm_name="vit_base_patch16_384.augreg_in21k_ft_in1k", class_token=True),
+    # Seg-L's shape, for its released weights (--weights; bench.released)
+    "vit_large": ModelConfig(16, 1024, 24, 16, decoder="mask", img_size=512,
+                             timm_name="vit_large_patch16_384.augreg_in21k_ft_in1k", class_token=True),
 }
 
 
