@@ -718,7 +718,6 @@ def study_table(records: list[dict]) -> pd.DataFrame:
                               {"model": r.get("model"), "setting": other, "steps": int(study["steps"])})
         row[f"mIoU d{study['depth']}"] = 100 * r["miou"]
         row[f"GFLOPs d{study['depth']}"] = r.get("gflops", {}).get("mean")
-        row[f"train s d{study['depth']}"] = r.get("train", {}).get("seconds")
     df = pd.DataFrame([rows[k] for k in sorted(rows, key=lambda k: (str(k[0]), k[1], k[2]))])
     depths = sorted({int(r["study"]["depth"]) for r in records})
     if len(depths) > 1:
