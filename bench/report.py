@@ -684,14 +684,33 @@ def speed_table(records: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def speed_summary(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per setting and operating point: FLOPs ratio, then speedup and realised
+    share at each batch size side by side."""
+    keys = ["model", "decoder", "size", "device", "precision", "compile", "method", "knobs"]
+    rows = []
+    for key, sub in df.groupby(keys, sort=False):
+        row = dict(zip(keys, key), gflops_ratio=sub["gflops_ratio"].iloc[0])
+        for _, r in sub.iterrows():
+            row[f"speedup b{r['batch']}"] = r["speedup"]
+            row[f"realised b{r['batch']}"] = r["realised"]
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _md_table(df: pd.DataFrame, number: str) -> list[str]:
+    lines = ["| " + " | ".join(df.columns) + " |", "|" + "---|" * len(df.columns)]
+    for _, row in df.iterrows():
+        lines.append("| " + " | ".join(number.format(v) if isinstance(v, float) else str(v) for v in row) + " |")
+    return lines
+
+
 def speed_report(records: list[dict], out_dir: Path, width: str = "text") -> list[Path]:
     """`bench speed` records: a table (Markdown, CSV) and the measured speedup against
     the FLOPs speedup (1 / FLOPs ratio), with y = x: where every saved FLOP becomes time."""
     df = speed_table(records)
-    md = ["# bench speed", "", "realised = speedup x FLOPs ratio: 1.0 when the FLOP saving fully becomes time.", "",
-          "| " + " | ".join(df.columns) + " |", "|" + "---|" * len(df.columns)]
-    for _, row in df.iterrows():
-        md.append("| " + " | ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in row) + " |")
+    md = ["# bench speed", "", "realised = speedup x FLOPs ratio: 1.0 when the FLOP saving fully becomes time.", ""]
+    md += _md_table(speed_summary(df), "{:.2f}") + ["", "Every record and batch size:", ""] + _md_table(df, "{:.3f}")
     files = [_write_text(out_dir / "speed.md", "\n".join(md) + "\n"), _write_csv(out_dir / "speed.csv", df)]
     with figure_style() as plt:
         fig, ax = plt.subplots(figsize=(WIDTHS[width], 0.7 * WIDTHS[width]))

@@ -66,6 +66,8 @@ def test_report_tabulates_and_plots_speed_records(tmp_path):
     text = (tmp_path / "rep" / "speed.md").read_text()
     rows = [line for line in text.splitlines() if "| static | scale=0.75 | 1 |" in line]
     assert len(rows) == 1 and "| baseline | - | 1 |" in text
+    summary = text.split("Every record")[0]  # one row per operating point, batch sizes side by side
+    assert "| speedup b1 | realised b1 |" in summary and summary.count("| static | scale=0.75 |") == 1
 
 
 def test_several_operating_points_are_timed_against_one_baseline(tmp_path):
