@@ -245,9 +245,10 @@ def test_run_algm_ft_fine_tunes_from_the_baseline_sweeps_and_is_compared_with_th
     assert "algm-ft checkpoint: would train 2 steps" in out and "baseline-ft checkpoint: would train 2 steps" in out
     n = len(METHODS["algm-ft"].default_ops)
     assert f"operating points: {n}, pending {n}: threshold=1.01" in out
-    main(["run", "--method", "algm-ft", "--limit", "2", *toy_args(tmp_path)])
+    main(["run", "--method", "algm-ft", "--limit", "2", "--op", "threshold=1.01", "--op", "threshold=-1",
+          *toy_args(tmp_path)])  # two points of the sweep above: the run is the same, shorter
     records = stored(tmp_path)
-    assert [r["knobs"] for r in records] == METHODS["algm-ft"].default_ops  # the default sweep
+    assert [r["knobs"] for r in records] == [{"threshold": 1.01}, {"threshold": -1.0}]
     ckpts = {p.name.rsplit("-", 2)[0]: load_checkpoint(p) for p in (tmp_path / "ck" / "toy").glob("*.pt")}
     assert set(ckpts) == {"baseline", "algm-ft", "baseline-ft"}
     mine, control, base = ckpts["algm-ft"], ckpts["baseline-ft"], ckpts["baseline"]
