@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import functools
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
 from methods import algm, early_exit, paumer, references, tome
@@ -179,6 +179,28 @@ METHODS: dict[str, MethodSpec] = {
                    "batching": "how a ragged batch runs (default pad)"},
     ),
 }
+
+
+def fine_tuned(spec: MethodSpec, name: str, description: str, train_knobs: dict) -> MethodSpec:
+    """``spec``, a method that runs on the baseline's weights, with weights of its own:
+    fine-tuned from the baseline with its policy in place at the operating point
+    ``train_knobs`` (part of the checkpoint's config hash), under the ``FineTune`` budget
+    and the plain segmentation loss on the policy's output. Same knobs and sweep."""
+    return replace(spec, name=name, description=description, fine_tune=FineTune(
+        build=lambda seg, **_: seg,
+        loss=lambda seg, images, labels, **knobs: references.segmentation_loss(
+            seg, images, labels, policy=spec.make_policy(seg, **knobs)),
+        knobs=dict(train_knobs),
+    ))
+
+
+# ALGM's paper trains with merging in place: at its default operating point (layers None:
+# algm.default_layers of the model's depth)
+METHODS["algm-ft"] = fine_tuned(
+    METHODS["algm"], "algm-ft",
+    "ALGM on weights fine-tuned from the baseline with ALGM merging in place (threshold 0.88, default layers)",
+    {"threshold": 0.88, "layers": None},
+)
 
 
 PLUGIN_GROUP = "bench.methods"

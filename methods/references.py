@@ -23,9 +23,11 @@ from methods.paumer import default_layers
 IGNORE_INDEX = 255
 
 
-def segmentation_loss(model: nn.Module, images: Tensor, labels: Tensor, **_) -> Tensor:
-    """Pixel cross-entropy of the final output: the baseline's own loss."""
-    return F.cross_entropy(model(images), labels, ignore_index=IGNORE_INDEX)
+def segmentation_loss(model: nn.Module, images: Tensor, labels: Tensor, policy=None, **_) -> Tensor:
+    """Pixel cross-entropy of the final output: the baseline's own loss. ``policy``: the
+    output of the forward under it (algm-ft trains with ALGM's merging in place)."""
+    logits = model(images) if policy is None else model(images, policy)
+    return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX)
 
 
 def check_depth(depth, full_depth: int) -> int:

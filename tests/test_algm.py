@@ -8,6 +8,7 @@ from bench.flops import FlopModel, count_flops
 from methods import METHODS
 from methods.algm import ALGMPolicy, default_layers, global_merge_plan, local_merge_plan, merge_rows
 from methods.segmenter import build_model
+from tests.test_cli import stored, toy, toy_args  # noqa: F401  (fixture)
 
 
 def images(n=2, h=32, w=32, seed=3):
@@ -187,3 +188,84 @@ def test_registered_with_a_sweep_over_the_local_threshold():
     assert state.trace.tokens[0, 1] == 64  # the lowest threshold merges every window
     full = count_flops(model, (x,))
     assert flops[0] < full and flops[1] < 0.4 * full
+
+
+def test_a_training_step_through_algm_merging_reaches_every_block_and_every_patch():
+    """algm-ft's loss: gradients flow through both merges (weighted means) to the blocks
+    before, between and after them and to the patch embedding of every merged patch."""
+    torch.manual_seed(0)
+    seg = build_model(5, "tiny", depth=4, embed_dim=64, num_heads=2, img_size=32).train()  # drop_path on
+    x = images(2, 32, 48).requires_grad_()
+    labels = torch.randint(0, 5, (2, 32, 48), generator=torch.Generator().manual_seed(1))
+    knobs = dict(threshold=-1.0, layers=[2, 3])  # every window merges in block 2, then the global merge in 3
+    with torch.no_grad():
+        _, state = seg.forward_state(x, METHODS["algm-ft"].make_policy(seg, **knobs))
+    tokens = state.trace.tokens.tolist()
+    assert all(t[:2] == [24, 24] and t[2] == 6 and t[3] < 6 for t in tokens)  # both merges ran, in training mode
+    loss = METHODS["algm-ft"].fine_tune.loss(seg, x, labels, **knobs)
+    loss.backward()
+    for name, module in [("patch_embed", seg.patch_embed), *((f"block {i}", b) for i, b in enumerate(seg.blocks)),
+                         ("decoder", seg.decoder)]:
+        grads = [p.grad for p in module.parameters()]
+        assert all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0, name
+    per_patch = x.grad.abs().reshape(2, 3, 4, 8, 6, 8).sum((1, 3, 5))  # (B, 4, 6): one value per patch
+    assert (per_patch > 0).all()  # every merged token got its share of its row's gradient
+
+
+def test_algm_ft_is_algm_on_weights_fine_tuned_with_the_budget_of_every_fine_tune():
+    from bench.runner import RunOptions, fine_tune_config, train_config
+    from bench.datasets import get_spec
+    from methods import CONTROL
+
+    algm, ft, paumer = METHODS["algm"], METHODS["algm-ft"], METHODS["paumer"]
+    assert ft.fine_tune is not None and algm.fine_tune is None
+    assert (ft.fine_tune.steps_fraction, ft.fine_tune.lr_factor) == (paumer.fine_tune.steps_fraction,
+                                                                      paumer.fine_tune.lr_factor)
+    assert ft.fine_tune.knobs == {"threshold": 0.88, "layers": None}  # ALGM's default operating point
+    for field in ("default_ops", "knob_types", "knob_choices", "knob_help", "swept", "make_policy"):
+        assert getattr(ft, field) == getattr(algm, field), field
+    seg = build_model(5, "tiny")
+    assert ft.fine_tune.build(seg, **ft.fine_tune.knobs) is seg  # the checkpoint is a plain Segmenter
+    base = train_config(RunOptions(), get_spec("synthetic"))
+    mine, control, theirs = (fine_tune_config(m, base, "w0") for m in (ft, METHODS[CONTROL], paumer))
+    budget = ("steps", "lr", "warmup_steps", "poly_power", "batch_size", "init_from")
+    assert {k: getattr(mine, k) for k in budget} == {k: getattr(theirs, k) for k in budget}
+    assert mine.steps == base.steps // 2 and mine.lr == base.lr / 2
+    assert mine.method_knobs == {"threshold": 0.88, "layers": None}
+    assert mine.hash() not in (control.hash(), theirs.hash(), base.hash())
+
+
+def test_run_algm_ft_fine_tunes_from_the_baseline_sweeps_and_is_compared_with_the_control(tmp_path, capsys, toy):
+    from bench.cli import main
+    from bench.report import series_styles, table
+    from bench.train import load_checkpoint
+
+    main(["run", "--method", "algm-ft", "--dry-run", *toy_args(tmp_path)])
+    out = capsys.readouterr().out
+    assert "algm-ft checkpoint: would train 2 steps" in out and "baseline-ft checkpoint: would train 2 steps" in out
+    n = len(METHODS["algm-ft"].default_ops)
+    assert f"operating points: {n}, pending {n}: threshold=1.01" in out
+    main(["run", "--method", "algm-ft", "--limit", "2", "--op", "threshold=1.01", "--op", "threshold=-1",
+          *toy_args(tmp_path)])  # two points of the sweep above: the run is the same, shorter
+    records = stored(tmp_path)
+    assert [r["knobs"] for r in records] == [{"threshold": 1.01}, {"threshold": -1.0}]
+    ckpts = {p.name.rsplit("-", 2)[0]: load_checkpoint(p) for p in (tmp_path / "ck" / "toy").glob("*.pt")}
+    assert set(ckpts) == {"baseline", "algm-ft", "baseline-ft"}
+    mine, control, base = ckpts["algm-ft"], ckpts["baseline-ft"], ckpts["baseline"]
+    assert mine["weights"] not in (base["weights"], control["weights"])
+    assert mine["config"]["init_from"] == base["weights"] and mine["step"] == 2 == base["step"] // 2
+    assert mine["config"]["lr"] == base["config"]["lr"] / 2
+    assert mine["config"]["method_knobs"] == {"threshold": 0.88, "layers": None}
+    assert mine["config"]["hash"] != control["config"]["hash"]
+    for r in records:
+        assert r["method"] == "algm-ft" and r["checkpoint"] == mine["weights"] != r["baseline_checkpoint"]
+        assert r["train"]["config_hash"] == mine["config"]["hash"]
+        assert r["control_checkpoint"] == control["weights"]
+        assert r["miou_delta_control"] == r["miou"] - r["control_miou"]
+    assert records[-1]["gflops"]["mean"] < records[0]["gflops"]["mean"]  # threshold -1 merges every window
+
+    main(["run", "--method", "algm", "--op", "threshold=-1", "--limit", "2", *toy_args(tmp_path)])
+    df = table(stored(tmp_path))
+    assert set(df["series"]) == {"algm", "algm-ft"}  # two lines in the report's figures
+    styles = series_styles(df["series"])
+    assert styles["algm"]["color"] != styles["algm-ft"]["color"]
