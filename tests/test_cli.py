@@ -29,17 +29,24 @@ def assert_one_line_error(code, err, *words):
         assert w in err, err
 
 
-@pytest.fixture
-def toy(monkeypatch):
-    """A registered 'toy' dataset with a tiny preset, so `bench run` finishes in seconds."""
+def register_toy(monkeypatch, tiny):
+    """Registers a 'toy' dataset and makes ``tiny`` (a ModelConfig) the `tiny` preset."""
     spec = DatasetSpec("toy", ("a", "b", "c", "d", "e"),
                        DatasetPreset(eval_mode="whole", crop_size=32, batch_size=4, steps=4, lr=1e-3),
                        "BENCH_TOY_ROOT", "data", lambda split, root: ToyDataset(8 if split == "val" else 16))
     monkeypatch.setitem(datasets.DATASETS, "toy", spec)
     from methods import segmenter
 
-    monkeypatch.setitem(segmenter.PRESETS, "tiny", segmenter.ModelConfig(depth=3, embed_dim=32, num_heads=2, img_size=32))
+    monkeypatch.setitem(segmenter.PRESETS, "tiny", tiny)
     return spec
+
+
+@pytest.fixture
+def toy(monkeypatch):
+    """A registered 'toy' dataset with a tiny preset, so `bench run` finishes in seconds."""
+    from methods.segmenter import ModelConfig
+
+    return register_toy(monkeypatch, ModelConfig(depth=3, embed_dim=32, num_heads=2, img_size=32))
 
 
 @pytest.mark.parametrize("args,words", [

@@ -6,12 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import datasets
-from bench.datasets import DatasetPreset, DatasetSpec
 from bench.weights import load_into, read_weights
 from methods.segmenter import ModelConfig, build_model
-from tests.conftest import ToyDataset
-from tests.test_cli import assert_one_line_error, run_cli
+from tests.test_cli import assert_one_line_error, register_toy, run_cli
 
 SHAPE = dict(depth=2, embed_dim=32, num_heads=2, img_size=32, class_token=True)
 
@@ -175,14 +172,7 @@ def test_a_bench_checkpoint_changed_after_it_was_written_is_refused(tmp_path):
 
 @pytest.fixture
 def toy(monkeypatch):
-    spec = DatasetSpec("toy", ("a", "b", "c", "d", "e"),
-                       DatasetPreset(eval_mode="whole", crop_size=32, batch_size=4, steps=4, lr=1e-3),
-                       "BENCH_TOY_ROOT", "data", lambda split, root: ToyDataset(8 if split == "val" else 16))
-    monkeypatch.setitem(datasets.DATASETS, "toy", spec)
-    from methods import segmenter
-
-    monkeypatch.setitem(segmenter.PRESETS, "tiny", ModelConfig(**{**SHAPE, "depth": 3}))
-    return spec
+    return register_toy(monkeypatch, ModelConfig(**{**SHAPE, "depth": 3}))
 
 
 def test_run_with_imported_weights_fine_tunes_paumer_from_them_and_records_them(tmp_path, toy):
