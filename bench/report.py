@@ -701,7 +701,8 @@ def speed_summary(df: pd.DataFrame) -> pd.DataFrame:
 def _md_table(df: pd.DataFrame, number: str) -> list[str]:
     lines = ["| " + " | ".join(df.columns) + " |", "|" + "---|" * len(df.columns)]
     for _, row in df.iterrows():
-        lines.append("| " + " | ".join(number.format(v) if isinstance(v, float) else str(v) for v in row) + " |")
+        lines.append("| " + " | ".join(("" if math.isnan(v) else number.format(v)) if isinstance(v, float) else str(v)
+                                       for v in row) + " |")
     return lines
 
 
@@ -726,13 +727,18 @@ def speed_report(records: list[dict], out_dir: Path, width: str = "text") -> lis
     return files
 
 
+def _study_setting(r: dict) -> str:
+    """A study record's training settings other than depth and budget: "lr 0.001, window 0"."""
+    return ", ".join(f"{k} {v}" for k, v in sorted(r["study"].items()) if k not in ("depth", "steps"))
+
+
 def study_table(records: list[dict]) -> pd.DataFrame:
     """Depth-study records (scripts/depth_study.py): one row per training setting and
     budget, the mIoU and GFLOPs of every depth, and the deepest minus the shallowest."""
     rows = {}
     for r in records:
         study = r["study"]
-        other = ", ".join(f"{k} {v}" for k, v in sorted(study.items()) if k not in ("depth", "steps"))
+        other = _study_setting(r)
         row = rows.setdefault((r.get("model"), other, int(study["steps"])),
                               {"model": r.get("model"), "setting": other, "steps": int(study["steps"])})
         row[f"mIoU d{study['depth']}"] = 100 * r["miou"]
@@ -750,24 +756,20 @@ def study_report(records: list[dict], dataset: str, out_dir: Path, width: str = 
     df = study_table(records)
     md = [f"# {dataset}: depth against training budget", "",
           "`scripts/depth_study.py`: the model trained from scratch at each depth and budget, "
-          "evaluated with the dataset's protocol. gap = the deepest model's mIoU minus the shallowest's.", "",
-          "| " + " | ".join(df.columns) + " |", "|" + "---|" * len(df.columns)]
-    for _, row in df.iterrows():
-        md.append("| " + " | ".join("" if isinstance(v, float) and math.isnan(v) else
-                                    f"{v:.2f}" if isinstance(v, float) else str(v) for v in row) + " |")
+          "evaluated with the dataset's protocol. gap = the deepest model's mIoU minus the shallowest's.", ""]
+    md += _md_table(df, "{:.2f}")
     stem = f"{dataset}-depth-study"
     files = [_write_text(out_dir / f"{stem}.md", "\n".join(md) + "\n"), _write_csv(out_dir / f"{stem}.csv", df)]
     with figure_style() as plt:
         w = WIDTHS[width]
         fig, ax = plt.subplots(figsize=(w, 0.35 * w if width == "text" else 0.7 * w), layout="constrained")
-        lines = sorted({(r.get("model"), int(r["study"]["depth"]),
-                         ", ".join(f"{k} {v}" for k, v in sorted(r["study"].items()) if k not in ("depth", "steps")))
-                        for r in records})
+        def line_of(r):
+            return r.get("model"), int(r["study"]["depth"]), _study_setting(r)
+
+        lines = sorted({line_of(r) for r in records})
         for i, (model, depth, other) in enumerate(lines):
             mine = sorted((int(r["study"]["steps"]), 100 * r["miou"]) for r in records
-                          if (r.get("model"), int(r["study"]["depth"])) == (model, depth)
-                          and ", ".join(f"{k} {v}" for k, v in sorted(r["study"].items())
-                                        if k not in ("depth", "steps")) == other)
+                          if line_of(r) == (model, depth, other))
             label = f"{model}, {depth} blocks" + (f" ({other})" if len({ln[2] for ln in lines}) > 1 else "")
             ax.plot([s for s, _ in mine], [m for _, m in mine], marker=MARKERS[i % len(MARKERS)],
                     color=f"C{i % 10}", label=label)
