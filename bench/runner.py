@@ -8,12 +8,10 @@ options and calls ``run``/``train_checkpoint``.
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import os
 import platform
-import shutil
 import subprocess
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
@@ -23,88 +21,20 @@ import torch
 from bench import datasets, distributed
 from bench.errors import BenchError
 from bench.flops import FlopModel
-from bench.protocol import (EvalSettings, attach_labels, check_execution, evaluate, predict, speed_entry,
-                            time_methods)
-from bench.results import SCHEMA_VERSION, ResultsStore, op_label
-from bench.train import TrainConfig, load_checkpoint, train
-from methods import CONTROL, METHODS, MethodSpec, all_methods
+from bench.imported import imported_baseline, stored_baseline  # noqa: F401 (part of the runner's API)
+from bench.planning import (check_device, check_folder, check_ops, describe_plan, pending_ops, plan,  # noqa: F401
+                            training_plan, validate)
+from bench.protocol import check_execution, evaluate, speed_entry, time_methods
+from bench.results import SCHEMA_VERSION, ResultsStore
+from bench.runspec import (RunOptions, _model_config, _model_depth, _settings, checkpoint_groups,  # noqa: F401
+                           checkpoint_path, dataset_spec, eval_images, eval_tokens, fine_tune_config, get_method,
+                           new_model, operating_points, parse_op, point_identity, stored_checkpoint, train_config)
+from bench.train import TrainConfig, train
+from methods import CONTROL, MethodSpec
 from methods.encoder import Policy
-from methods.segmenter import build_model, model_config
 
 REPO = Path(__file__).resolve().parent.parent
 PRECISION = "float32"  # the weights' dtype; --precision (RunOptions.precision) is what forwards compute in
-
-
-@dataclass
-class RunOptions:
-    method: str = "baseline"
-    dataset: str = "synthetic"
-    ops: Optional[list] = None  # knob dicts; None = the method's default sweep
-    model: Optional[str] = None  # model preset; None = the dataset's
-    decoder: Optional[str] = None
-    depth: Optional[int] = None  # encoder blocks; None = the preset's (the depth study cuts it)
-    pretrained: bool = False
-    weights: Optional[str] = None  # --weights: a trained baseline to import instead of training one
-    weights_format: Optional[str] = None  # its layout (bench.weights.FORMATS); None: detected
-    data_root: Optional[str] = None
-    checkpoints: str = "checkpoints"
-    results: str = "results"
-    device: str = "cpu"
-    threads: int = 2
-    batch_size: int = 8  # throughput is measured at batch 1 and at this batch size
-    seed: int = 0
-    steps: Optional[int] = None  # training budget; None = the dataset preset's
-    replace: bool = False
-    limit: Optional[int] = None  # evaluate on the first N validation images only
-    timing_images: int = 32
-    warmup: int = 2
-    repeats: int = 5
-    progress: bool = True
-    extra: dict = field(default_factory=dict)
-    dataset_name: Optional[str] = None  # --name: what a folder dataset is called (default: its bench.json's)
-    precision: str = "fp32"  # evaluation and timing (training is fp32): fp32, tf32, bf16, fp16
-    compile: bool = False  # torch.compile the blocks and decoder for evaluation and timing
-    compile_backend: Optional[object] = None  # None: $BENCH_COMPILE_BACKEND or inductor (tests: a cheap one)
-
-
-def get_method(name: str) -> MethodSpec:
-    if name in METHODS:  # a built-in: no need to look for plugins
-        return METHODS[name]
-    known = all_methods()
-    if name not in known:
-        raise BenchError(f"unknown method {name!r}; expected one of: {', '.join(known)}")
-    return known[name]
-
-
-def dataset_spec(opts: RunOptions) -> datasets.DatasetSpec:
-    return datasets.get_spec(opts.dataset, opts.data_root, opts.dataset_name)
-
-
-def parse_op(method: MethodSpec, text: str) -> dict:
-    """'tau=0.2' or 'tau=0.1,0.2,0.3 layers=2,4' -> knob dict, typed by the method."""
-    knobs = {}
-    known = ", ".join(method.knob_types) or "none"
-    if not text.replace(";", " ").split():
-        raise BenchError(f"bad --op {text!r} for {method.name}: expected key=value with keys: {known} "
-                         "(without --op, the method's default sweep runs)")
-    for part in text.replace(";", " ").split():
-        key, sep, value = part.partition("=")
-        if not sep or key not in method.knob_types:
-            raise BenchError(f"bad --op {text!r} for {method.name}: expected key=value with keys: {known}")
-        if key in knobs:
-            raise BenchError(f"bad --op {text!r}: {key} is given twice; expected each knob once")
-        kind = method.knob_types[key]
-        as_list = isinstance(kind, list)
-        kind = kind[0] if as_list else kind
-        try:
-            items = [kind(v) for v in value.split(",")]
-        except ValueError:
-            raise BenchError(f"bad --op {text!r}: {key} expects {kind.__name__} values, got {value!r}") from None
-        allowed = method.knob_choices.get(key)
-        if allowed is not None and any(v not in allowed for v in items):
-            raise BenchError(f"bad --op {text!r}: {key} must be one of {', '.join(map(str, allowed))}")
-        knobs[key] = items if as_list or len(items) > 1 else items[0]
-    return knobs
 
 
 def cpu_name(cpuinfo: str = "/proc/cpuinfo") -> str:
@@ -150,42 +80,6 @@ def environment(device: str, threads: int) -> dict:
     }
 
 
-def train_config(opts: RunOptions, spec: datasets.DatasetSpec, method: str = "baseline", **over) -> TrainConfig:
-    p = spec.preset
-    overrides = {"decoder": opts.decoder or p.decoder}
-    if opts.depth is not None:
-        overrides["depth"] = opts.depth
-    return TrainConfig(dataset=spec.name, num_classes=spec.num_classes, model=opts.model or p.model,
-                       model_overrides=overrides, method=method, pretrained=opts.pretrained,
-                       steps=opts.steps or p.steps, batch_size=p.batch_size, lr=p.lr,
-                       crop_size=p.crop_size, scale_range=p.scale_range, seed=opts.seed,
-                       optimizer=p.optimizer, weight_decay=p.weight_decay, **over)
-
-
-def checkpoint_path(opts: RunOptions, cfg: TrainConfig) -> Path:
-    return Path(opts.checkpoints) / cfg.dataset / f"{cfg.method}-{cfg.model}-{cfg.hash()}.pt"
-
-
-def new_model(cfg: TrainConfig):
-    """The untrained model of ``cfg``, its initial weights a function of ``cfg.seed`` alone
-    (``bench run`` and ``bench train`` start from the same weights, run after run)."""
-    torch.manual_seed(cfg.seed)
-    try:
-        return build_model(cfg.num_classes, cfg.model, pretrained=cfg.pretrained, **cfg.model_overrides)
-    except (ValueError, RuntimeError) as e:
-        raise BenchError(str(e)) from None
-
-
-def stored_checkpoint(opts: RunOptions, cfg: TrainConfig) -> Optional[dict]:
-    """The payload of ``cfg``'s checkpoint when it is complete, else None."""
-    path = checkpoint_path(opts, cfg)
-    if path.exists():
-        payload = load_checkpoint(path)
-        if payload.get("done") and payload["config"].get("hash") == cfg.hash():
-            return payload
-    return None
-
-
 def train_checkpoint(opts: RunOptions, cfg: TrainConfig, model=None, **train_kwargs):
     """The trained model for ``cfg``: loaded when its checkpoint is complete, trained
     (or resumed) otherwise. Returns (model, checkpoint payload). Under torchrun every
@@ -202,65 +96,11 @@ def train_checkpoint(opts: RunOptions, cfg: TrainConfig, model=None, **train_kwa
     return model.eval(), payload
 
 
-def imported_baseline(opts: RunOptions, cfg: TrainConfig):
-    """The baseline of ``cfg`` with the weights of ``opts.weights`` (``bench.weights``):
-    (model, payload). The payload is a checkpoint's, never trained: step 0, ``weights``
-    the hash of the loaded state dict, ``source`` where it came from."""
-    from bench.released import find_released
-    from bench.weights import load_into, read_weights
-
-    if cfg.pretrained:
-        raise BenchError("--weights and --pretrained exclude each other: the imported weights replace ImageNet's")
-    stat = Path(opts.weights).stat() if Path(opts.weights).is_file() else None
-    key = (str(Path(opts.weights).resolve()), stat and (stat.st_size, stat.st_mtime_ns), opts.weights_format,
-           cfg.hash(), json.dumps(cfg.model_overrides, sort_keys=True))
-    if _IMPORTED.get("key") != key:  # validate, plan and run ask for it in turn: read the file once
-        imported = read_weights(opts.weights, opts.weights_format)
-        model = new_model(cfg)
-        weights = load_into(model, imported, preset=cfg.model, num_classes=cfg.num_classes, dataset=cfg.dataset)
-        config = _model_config(cfg)
-        released = find_released(imported.path, cfg.dataset, imported.sha256, cfg.model, config.decoder)
-        source = imported.describe(released.key if released else None)
-        _IMPORTED.clear()
-        _IMPORTED.update(key=key, state={k: v.clone() for k, v in model.state_dict().items()}, weights=weights,
-                         source=source)
-    model = new_model(cfg)
-    model.load_state_dict(_IMPORTED["state"])
-    payload = {"model": _IMPORTED["state"], "step": 0, "done": True, "weights": _IMPORTED["weights"],
-               "config": {"method": "baseline", "imported": True, "hash": None}, "source": _IMPORTED["source"]}
-    return model.eval(), payload
-
-
-_IMPORTED: dict = {}  # the last import (``imported_baseline``)
-
-
 def baseline_checkpoint(opts: RunOptions, cfg: TrainConfig):
     """The baseline: imported (``--weights``) or trained (``train_checkpoint``)."""
     if opts.weights is not None:
         return imported_baseline(opts, cfg)
     return train_checkpoint(opts, cfg)
-
-
-def stored_baseline(opts: RunOptions, cfg: TrainConfig) -> Optional[dict]:
-    """The baseline's payload when there is one without training (imported or stored)."""
-    if opts.weights is not None:
-        return imported_baseline(opts, cfg)[1]
-    return stored_checkpoint(opts, cfg)
-
-
-def fine_tune_config(method: MethodSpec, base_cfg: TrainConfig, base_weights: str,
-                     knobs: Optional[dict] = None) -> TrainConfig:
-    """The configuration of ``method``'s fine-tuning from the baseline with these weights,
-    for the operating point ``knobs`` where its training knobs pick the checkpoint
-    (``FineTune.op_knobs``: shallow's depth)."""
-    ft = method.fine_tune
-    train_knobs = {k: knobs[k] for k in ft.op_knobs if k in (knobs or {})}
-    other = ft.same_as(train_knobs, _model_depth(base_cfg)) if ft.same_as else None
-    if other is not None:  # shallow at full depth is baseline-ft: one checkpoint
-        return fine_tune_config(get_method(other), base_cfg, base_weights)
-    return replace(base_cfg, method=method.name, method_knobs={**ft.knobs, **train_knobs}, init_from=base_weights,
-                   steps=max(1, round(base_cfg.steps * ft.steps_fraction)), lr=base_cfg.lr * ft.lr_factor,
-                   warmup_steps=min(base_cfg.warmup_steps, 50))
 
 
 def fine_tune(opts: RunOptions, method: MethodSpec, spec: datasets.DatasetSpec, base_cfg: TrainConfig,
@@ -277,53 +117,6 @@ def fine_tune(opts: RunOptions, method: MethodSpec, spec: datasets.DatasetSpec, 
         raise BenchError(f"bad operating point {knobs or {}} for {method.name}: {e}") from None
     loss = lambda m, images, labels: ft.loss(m, images, labels, **cfg.method_knobs)  # noqa: E731
     return train_checkpoint(opts, cfg, model=trainable, loss_fn=loss)
-
-
-def _model_config(cfg: TrainConfig):
-    """The model shape ``cfg`` trains; a bad preset or override is a one-line error."""
-    try:
-        return model_config(cfg.model, **cfg.model_overrides)
-    except (TypeError, ValueError) as e:
-        raise BenchError(str(e)) from None
-
-
-def _model_depth(cfg: TrainConfig) -> int:
-    return _model_config(cfg).depth
-
-
-def eval_tokens(spec: datasets.DatasetSpec, patch_size: int, val) -> int:
-    """Tokens per forward at evaluation: a window's (sliding windows), or the first
-    validation image's after the dataset's resize (whole images)."""
-    p = spec.preset
-    if p.eval_mode == "slide":
-        return (-(-p.window // patch_size)) ** 2
-    H, W = val[0][0].shape[-2:]
-    if p.resize_short:
-        f = p.resize_short / min(H, W)
-        H, W = max(1, round(H * f)), max(1, round(W * f))
-    return -(-H // patch_size) * -(-W // patch_size)
-
-
-def operating_points(opts: RunOptions, method: MethodSpec, spec: datasets.DatasetSpec, val=None) -> list[dict]:
-    """``opts.ops``, or the method's default sweep for this model and input (ToMe's r
-    follows the tokens per forward, shallow's depths the model's depth)."""
-    if opts.ops is not None:
-        return list(opts.ops)
-    if method.default_ops_for is None:
-        return list(method.default_ops)
-    config = _model_config(train_config(opts, spec))
-    val = val if val is not None else datasets.open_dataset(opts.dataset, spec.preset.val_split, opts.data_root)
-    return method.sweep(config.depth, eval_tokens(spec, config.patch_size, val))
-
-
-def checkpoint_groups(method: MethodSpec, ops: list[dict]) -> list[list[dict]]:
-    """``ops`` grouped by the checkpoint they run on, in order: one group unless the
-    method's training knobs vary between them (shallow: one per depth)."""
-    keys = method.fine_tune.op_knobs if method.fine_tune is not None else ()
-    groups: dict = {}
-    for knobs in ops:
-        groups.setdefault(repr([knobs.get(k) for k in keys]), []).append(knobs)
-    return list(groups.values())
 
 
 def train_method(opts: RunOptions) -> list[dict]:
@@ -360,246 +153,6 @@ def control_fields(miou: float, control: Optional[dict]) -> dict:
         return {}
     return {"control_checkpoint": control["checkpoint"], "control_miou": control["miou"],
             "miou_delta_control": miou - control["miou"]}
-
-
-# ---- what can be checked before any training ----------------------------------------
-
-def check_device(device: str, here: bool = True) -> None:
-    """``device`` names cpu, cuda or cuda:N; ``here``: and this machine has it."""
-    try:
-        d = torch.device(device)
-    except (RuntimeError, TypeError):
-        d = None
-    if d is None or d.type not in ("cpu", "cuda") or (d.type == "cpu" and d.index not in (None, 0)):
-        raise BenchError(f"--device {device!r}: expected cpu, cuda or cuda:N")
-    if here and d.type == "cuda":
-        if not torch.cuda.is_available():
-            raise BenchError(f"--device {device}: CUDA is not available on this machine")
-        if d.index is not None and d.index >= torch.cuda.device_count():
-            raise BenchError(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s), "
-                             f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
-
-
-def check_folder(path, what: str, need_bytes: int = 0) -> None:
-    """``path`` exists as a writable folder or can be made one, with ``need_bytes`` free
-    on its disk. Creates nothing (a dry run calls it too)."""
-    path = Path(path)
-    there = path
-    while not there.exists() and there != there.parent:  # the ancestor it would be made in
-        there = there.parent
-    if not there.is_dir():
-        raise BenchError(f"{what} {path}: {there} is not a folder")
-    if not os.access(there, os.W_OK | os.X_OK):
-        raise BenchError(f"{what} {path}: {there} is not writable")
-    free = shutil.disk_usage(there).free
-    if free < need_bytes:
-        raise BenchError(f"{what} {path}: {free / 2**20:.0f} MiB free on its disk; the checkpoints to train "
-                         f"need about {need_bytes / 2**20:.0f} MiB")
-
-
-def _checkpoint_bytes(model: torch.nn.Module, optimizer: str) -> int:
-    """About what a checkpoint of ``model`` takes: its weights plus the optimizer's state
-    (AdamW: two moments per trained parameter; SGD: one momentum)."""
-    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    trained = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    return weights + trained * (2 if optimizer == "adamw" else 1) + 2**20
-
-
-def _probe_image(spec: datasets.DatasetSpec, val) -> torch.Tensor:
-    """A zero uint8 image of the evaluation size: one window, or the first validation image's size."""
-    p = spec.preset
-    if p.eval_mode == "slide":
-        return torch.zeros(1, 3, p.window, p.window, dtype=torch.uint8)
-    return torch.zeros(1, *val[0][0].shape, dtype=torch.uint8)
-
-
-def _untrained(opts: RunOptions, spec: datasets.DatasetSpec, method: MethodSpec, knobs: Optional[dict] = None):
-    """(segmenter, trainable) of the configured shape, untrained: the method's trainable
-    module for the operating point ``knobs`` (shallow: cut to its depth)."""
-    cfg = replace(train_config(opts, spec), pretrained=False)  # same shapes, no download
-    segmenter = new_model(cfg)
-    if method.fine_tune is None:
-        return segmenter, segmenter
-    ft = method.fine_tune
-    train_knobs = {k: (knobs or {})[k] for k in ft.op_knobs if k in (knobs or {})}
-    try:
-        return segmenter, ft.build(new_model(cfg), **ft.knobs, **train_knobs)
-    except (TypeError, ValueError, RuntimeError) as e:
-        which = f"{method.name} {op_label(train_knobs)}" if train_knobs else method.name
-        raise BenchError(f"{which} cannot be built on {cfg.model} with {segmenter.depth} blocks: "
-                         f"{_first_line(e)}") from None
-
-
-def check_ops(opts: RunOptions, spec: datasets.DatasetSpec, method: MethodSpec, ops: list, val=None):
-    """Builds an untrained model of the configured shape (and the method's trainable
-    module), makes every operating point's policy and runs one forward under each on a
-    zero image of the evaluation size (static's scale included): a knob that does not fit
-    the model or the input fails here, in seconds, not after the training. Returns
-    (segmenter, trainable) for the caller's size estimates."""
-    segmenter, trained = _untrained(opts, spec, method, ops[0] if ops else None) if (
-        ops or not (method.fine_tune and method.fine_tune.op_knobs)) else (None, None)
-    if segmenter is None:  # a checkpoint per operating point, none given: size it as the full model
-        segmenter = trained = new_model(replace(train_config(opts, spec), pretrained=False))
-    settings = replace(_settings(spec, opts), device="cpu", batch_size=1, precision="fp32", compile=False)
-    image = _probe_image(spec, val) if ops else None
-    for knobs in ops:
-        if method.fine_tune is not None and method.fine_tune.op_knobs:
-            _, trained = _untrained(opts, spec, method, knobs)  # its own checkpoint's shape
-        model = getattr(trained, "segmenter", trained).eval()
-        try:
-            policy = method.make_policy(trained, **knobs)
-            scale = method.input_scale(knobs)
-            attach_labels(policy, torch.zeros(image.shape[0], *image.shape[2:], dtype=torch.long), settings, scale)
-            with torch.inference_mode():
-                predict(model, policy, image, settings, scale=scale)
-        except (TypeError, ValueError, RuntimeError, BenchError) as e:
-            raise BenchError(f"bad operating point {op_label(knobs)} for {method.name} on {spec.name} "
-                             f"({train_config(opts, spec).model}, {model.depth} blocks, {image.shape[-2]}x{image.shape[-1]} input): "
-                             f"{_first_line(e)}") from None
-    return segmenter, trained
-
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
-def validate(opts: RunOptions, spec: Optional[datasets.DatasetSpec] = None, ops: Optional[list] = None, val=None,
-             *, device_here: bool = True, results: bool = True, train_ops: Optional[list] = None) -> list[dict]:
-    """Everything about a run that can be checked before training, in seconds: the
-    device, threads and batch size, the operating points (none repeated; each one made
-    and run once on an untrained model, ``check_ops``), and that the checkpoint folder
-    (with room for what must be trained) and the results folder can be written.
-    ``ops``: None for the method's default sweep; ``val``: the validation split (for the
-    image size of whole-image evaluation; opened when needed); ``train_ops``: the points
-    whose checkpoints must be trained (default: ``ops``). Returns the ``training_plan``."""
-    check_device(opts.device, here=device_here)
-    if opts.threads < 1 or opts.batch_size < 1:
-        raise BenchError("--threads and --batch-size must be at least 1")
-    check_execution(opts.precision, opts.device, opts.compile, opts.compile_backend, probe=device_here)
-    method = get_method(opts.method)
-    spec = spec or dataset_spec(opts)
-    if ops is None:
-        val = val if val is not None else datasets.open_dataset(opts.dataset, spec.preset.val_split, opts.data_root)
-        ops = operating_points(opts, method, spec, val)
-    seen = set()
-    for knobs in ops:
-        key = json.dumps(knobs, sort_keys=True)
-        if key in seen:
-            raise BenchError(f"operating point {op_label(knobs)} of {method.name} is given twice; expected each once")
-        seen.add(key)
-    if ops and val is None and spec.preset.eval_mode == "whole":
-        val = datasets.open_dataset(opts.dataset, spec.preset.val_split, opts.data_root)
-    segmenter, trained = check_ops(opts, spec, method, ops, val)
-    base_cfg = train_config(opts, spec)
-    steps = training_plan(opts, method, base_cfg, ops if train_ops is None else train_ops)
-    need = sum(_checkpoint_bytes(segmenter if t["method"] == "baseline" else trained, base_cfg.optimizer)
-               for t in steps if t["state"] not in ("stored", "imported"))
-    check_folder(opts.checkpoints, "checkpoint folder", need)
-    if results:
-        check_folder(opts.results, "results folder")
-    return steps
-
-
-# ---- what a run would do ------------------------------------------------------------
-
-def training_plan(opts: RunOptions, method: MethodSpec, base_cfg: TrainConfig, ops: list) -> list[dict]:
-    """The checkpoints a run of ``method`` at ``ops`` needs, in order: the baseline, the
-    method's own (shallow: one per depth) and the equal-budget control it is compared
-    with. Each: method, path (None while it depends on weights not trained yet), steps,
-    step reached, state ("stored", "resume" or "train")."""
-    plan = []
-
-    def add(name, cfg, path) -> Optional[dict]:
-        payload = load_checkpoint(path) if path is not None and path.exists() else None
-        done = payload is not None and payload.get("done") and payload["config"].get("hash") == cfg.hash()
-        step = payload["step"] if payload is not None else 0
-        plan.append({"method": name, "path": None if path is None else str(path), "steps": cfg.steps, "step": step,
-                     "state": "stored" if done else ("resume" if step else "train")})
-        return payload if done else None
-
-    if opts.weights is not None:  # imported: nothing to train
-        base = stored_baseline(opts, base_cfg)
-        plan.append({"method": "baseline", "path": str(opts.weights), "steps": 0, "step": 0, "state": "imported"})
-    else:
-        base = add("baseline", base_cfg, checkpoint_path(opts, base_cfg))
-    if method.fine_tune is None:
-        return plan
-    wanted = [(method, group[0]) for group in checkpoint_groups(method, ops)] or [(method, None)]
-    if method.name != CONTROL:  # a fine-tuned method's rows are compared with the control
-        wanted.append((get_method(CONTROL), None))
-    seen = set()
-    for m, knobs in wanted:
-        # before the baseline exists its weights are unknown: the fine-tune's name is not
-        cfg = fine_tune_config(m, base_cfg, base["weights"] if base is not None else "", knobs)
-        if cfg.hash() in seen:  # shallow at full depth is the control
-            continue
-        seen.add(cfg.hash())
-        label = f"{cfg.method} {op_label(cfg.method_knobs)}" if cfg.method_knobs.get("depth") else cfg.method
-        add(label, cfg, checkpoint_path(opts, cfg) if base is not None else None)
-    return plan
-
-
-def plan(opts: RunOptions, *, device_here: bool = True) -> dict:
-    """What ``run(opts)`` would do, doing nothing (``--dry-run``): the checkpoints it would
-    train (``training_plan``), the operating points and those not yet stored. Checks
-    what ``validate`` checks."""
-    method = get_method(opts.method)
-    spec = dataset_spec(opts)
-    ops = operating_points(opts, method, spec)
-    steps = validate(opts, spec, ops, device_here=device_here)
-    pending = pending_ops(opts)
-    return {"method": method.name, "dataset": spec.name, "train": steps, "ops": ops,
-            "pending": ops if pending is None else pending}
-
-
-def describe_plan(p: dict) -> list[str]:
-    """``plan``'s answer as lines of text."""
-    lines = [f"{p['dataset']} / {p['method']}:"]
-    for t in p["train"]:
-        where = f" ({t['path']})" if t["path"] else " (named after the baseline's weights once it is trained)"
-        what = {"stored": f"stored, {t['steps']} steps", "imported": "imported (--weights), not trained", "resume": f"would resume at step {t['step']} of {t['steps']}",
-                "train": f"would train {t['steps']} steps"}[t["state"]]
-        lines.append(f"  {t['method']} checkpoint: {what}{where}")
-    pending = ", ".join(op_label(k) for k in p["pending"]) if p["pending"] else "none (every point is stored)"
-    lines.append(f"  operating points: {len(p['ops'])}, pending {len(p['pending'])}: {pending}")
-    return lines
-
-
-def _settings(spec: datasets.DatasetSpec, opts: RunOptions) -> EvalSettings:
-    p = spec.preset
-    return EvalSettings(p.eval_mode, p.window, p.stride, opts.batch_size, opts.device, p.resize_short,
-                        precision=opts.precision, compile=opts.compile, compile_backend=opts.compile_backend)
-
-
-def pending_ops(opts: RunOptions) -> Optional[list]:
-    """Operating points of ``opts`` not yet stored for its checkpoint and settings; None
-    while a checkpoint it needs is not trained or the validation split cannot be opened
-    (then nothing can be known). Cheap: no training, no evaluation."""
-    method = get_method(opts.method)
-    spec = dataset_spec(opts)
-    base_cfg = train_config(opts, spec)
-    base = stored_baseline(opts, base_cfg)
-    if base is None:
-        return None
-    try:
-        val = datasets.open_dataset(opts.dataset, spec.preset.val_split, opts.data_root)
-    except BenchError:  # the data is not here (a launcher without it): the job will see
-        return None
-    ops = operating_points(opts, method, spec, val)
-    checkpoints = []
-    for knobs in ops:  # each operating point's checkpoint (shallow: one per depth)
-        payload = base if method.fine_tune is None else stored_checkpoint(
-            opts, fine_tune_config(method, base_cfg, base["weights"], knobs))
-        if payload is None:
-            return None
-        checkpoints.append(payload["weights"])
-    if opts.replace:
-        return list(ops)
-    store = ResultsStore(opts.results)
-    images = eval_images(opts, val)
-    return [k for k, weights in zip(ops, checkpoints) if not store.exists(
-        point_identity(opts, spec, method.name, k, weights, images, method.input_scale(k)))]
 
 
 def run(opts: RunOptions) -> list[dict]:
@@ -732,19 +285,3 @@ def write_maps(opts: RunOptions, method: MethodSpec, spec, trained, model, val, 
     path = Path(opts.results) / "figures" / f"{spec.name}-{method.name}-compute-maps"
     return pause_maps(model, runs, val, indices, path, palette=palette, depth=model.depth, classes=spec.classes)
 
-
-def eval_images(opts: RunOptions, val) -> int:
-    """How many validation images are evaluated (``--limit`` caps the split)."""
-    return len(val) if opts.limit is None else min(opts.limit, len(val))
-
-
-def point_identity(opts: RunOptions, spec, method: str, knobs: dict, checkpoint: Optional[str], images: int,
-                   scale: float) -> dict:
-    """The fields that identify a record of this operating point (``bench.results``):
-    whatever changes its numbers. The one place they are built: the record carries them,
-    and the resume checks (``run``, ``pending_ops``) look them up."""
-    settings = _settings(spec, opts)
-    return {"method": method, "knobs": knobs, "dataset": spec.name, "split": spec.preset.val_split,
-            "checkpoint": checkpoint, "images": images, "device": opts.device, "precision": opts.precision,
-            "batch_sizes": sorted({1, opts.batch_size}), **({"compile": True} if opts.compile else {}),
-            "eval": {"mode": settings.mode, "window": settings.window, "stride": settings.stride, "scale": scale}}

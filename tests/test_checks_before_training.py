@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from bench import check, runner
+from bench import check, planning, runner
 from bench.errors import BenchError
 from bench.fileio import atomic_write
 from tests.test_cli import assert_one_line_error, run_cli, toy  # noqa: F401  (fixture)
@@ -69,7 +69,7 @@ def test_unusable_checkpoint_folder_fails_before_any_training(tmp_path, capsys, 
         args[3] = str(tmp_path / "afile" / "ck")
         words = [str(tmp_path / "afile"), "not a folder"]
     else:
-        monkeypatch.setattr(runner.shutil, "disk_usage", lambda p: type("U", (), {"free": 10_000})())
+        monkeypatch.setattr(planning.shutil, "disk_usage", lambda p: type("U", (), {"free": 10_000})())
         words = ["checkpoint folder", "MiB free", "need about"]
     code, _, err = run_cli(capsys, "run", *args)
     assert_one_line_error(code, err, *words)
