@@ -35,7 +35,10 @@ from bench.fileio import atomic_write
 SCHEMA_VERSION = 1
 IDENTITY_FIELDS = ("method", "knobs", "dataset", "split", "checkpoint")
 # What else moves the numbers; records older than a field lack it (absent from their identity)
-SETTING_FIELDS = ("images", "device", "precision", "batch_sizes", "eval", "compile")
+SETTING_FIELDS = ("images", "device", "precision", "batch_sizes", "eval", "compile", "data_fingerprint")
+# Settings a stored record may lack and still match any value: records made before the
+# evaluated split was fingerprinted stay valid (they are not re-measured)
+MATCH_ANY_FIELDS = ("data_fingerprint",)
 REQUIRED_FIELDS = ("schema_version",) + IDENTITY_FIELDS
 LOCK_NAME = ".lock"
 
@@ -87,6 +90,13 @@ def identity_fields(rec: dict, ignore: tuple = ()) -> dict:
 def record_identity(rec: dict, ignore: tuple = ()) -> str:
     """Canonical JSON string of the identity (sorted keys, no spaces)."""
     return json.dumps(identity_fields(rec, ignore), sort_keys=True, separators=(",", ":"))
+
+
+def same_identity(stored: dict, wanted: dict) -> bool:
+    """Whether a stored record's identity (``identity_fields``) is the wanted one; a field of
+    ``MATCH_ANY_FIELDS`` the stored record lacks matches any value."""
+    wanted = {k: v for k, v in wanted.items() if k in stored or k not in MATCH_ANY_FIELDS}
+    return stored == wanted
 
 
 def _nan_to_null(value):
@@ -156,14 +166,26 @@ class ResultsStore:
     def _files(self, dataset: str | None) -> list[Path]:
         if dataset is not None:
             p = self.path_for(dataset)
-            return [p] if p.is_file() else []
+            return [p] if p.exists() else []
         return sorted(self.root.glob("*.jsonl")) if self.root.is_dir() else []
+
+    @staticmethod
+    def _read(path: Path) -> tuple[bytes | None, str | None]:
+        """(bytes, None), or (None, why) for a results "file" that cannot be read (a folder)."""
+        try:
+            return path.read_bytes(), None
+        except OSError as e:
+            return None, f"{path}: cannot be read ({e.strerror or e}); expected a results file"
 
     def load_with_errors(self, dataset: str | None = None) -> tuple[list[dict], list[str]]:
         """All good records, and one line "<file>:<line>: <why>" per bad line."""
         records, problems = [], []
         for path in self._files(dataset):
-            for n, line in enumerate(_lines(path.read_bytes()), start=1):
+            data, why = self._read(path)
+            if why:
+                problems.append(why)
+                continue
+            for n, line in enumerate(_lines(data), start=1):
                 if not line.strip():
                     continue
                 rec, why = _parse(line)
@@ -178,7 +200,11 @@ class ResultsStore:
         for readers that check more than the store does and must say where."""
         located, problems = [], []
         for path in self._files(dataset):
-            for n, line in enumerate(_lines(path.read_bytes()), start=1):
+            data, why = self._read(path)
+            if why:
+                problems.append(why)
+                continue
+            for n, line in enumerate(_lines(data), start=1):
                 if line.strip():
                     rec, why = _parse(line)
                     if why:
@@ -197,11 +223,9 @@ class ResultsStore:
 
     def exists(self, identity: str | dict) -> bool:
         """Whether a record with this identity (string or record) is stored."""
-        if isinstance(identity, dict):
-            identity = record_identity(identity)
-        dataset = json.loads(identity).get("dataset")
-        records, _ = self.load_with_errors(dataset)
-        return any(record_identity(r) == identity for r in records)
+        wanted = identity_fields(identity) if isinstance(identity, dict) else json.loads(identity)
+        records, _ = self.load_with_errors(wanted.get("dataset"))
+        return any(same_identity(identity_fields(r), wanted) for r in records)
 
     # ---- writing -------------------------------------------------------------------
 
@@ -222,7 +246,7 @@ class ResultsStore:
         if record["schema_version"] != SCHEMA_VERSION:
             raise BenchError(f"result record has schema_version "
                              f"{record['schema_version']!r}; expected {SCHEMA_VERSION}")
-        identity = record_identity(record)
+        identity, wanted = record_identity(record), identity_fields(record)
         path = self.path_for(record["dataset"])
         new_line = dump_record(record)  # fails before anything is touched
         try:
@@ -232,7 +256,7 @@ class ResultsStore:
                 kept = []
                 for line in _lines(old):
                     rec, _ = _parse(line) if line.strip() else (None, None)
-                    if rec is not None and record_identity(rec) == identity:
+                    if rec is not None and same_identity(identity_fields(rec), wanted):
                         if not replace:
                             raise BenchError(
                                 f"{path} already holds a result for {identity}; "
@@ -269,4 +293,5 @@ class ResultsStore:
             yield
 
     def _write_atomic(self, path: Path, data: bytes) -> None:
-        atomic_write(path, lambda f: f.write(data))
+        # through a symlink: its target is rewritten, the link stays a link
+        atomic_write(path.resolve() if path.is_symlink() else path, lambda f: f.write(data))

@@ -33,8 +33,33 @@ def _pair_problem(v, where: str) -> Optional[str]:
     return f"field '{where}' is {_kind(v)}, expected [p25, p75]"
 
 
+def plain_name(v) -> bool:
+    """A name that can be part of a file name under ``--out``: a non-empty string with no
+    path separator, not starting with a dot ("..", hidden files), not absolute."""
+    return (isinstance(v, str) and bool(v) and not v.startswith(".") and "/" not in v and "\\" not in v
+            and ":" not in v and "\0" not in v and v.isprintable())
+
+
+def _speed_problem(speed) -> Optional[str]:
+    if not isinstance(speed, dict):
+        return "lacks field 'speed'" if speed is None else f"field 'speed' is {_kind(speed)}, expected an object"
+    for bs, entry in speed.items():
+        if not (bs.isascii() and bs.isdigit() and int(bs) > 0):  # "²".isdigit() holds too
+            return f"speed key {bs!r} is not a batch size"
+        if not isinstance(entry, dict):
+            return f"field 'speed.{bs}' is {_kind(entry)}, expected an object"
+        for key in ("throughput", "speedup"):
+            if problem := _number_problem(entry, key, f"speed.{bs}.{key}"):
+                return problem
+    return None
+
+
 def record_problem(r: dict) -> Optional[str]:
     """Why the report cannot use this stored record; None when it can."""
+    if not plain_name(r["dataset"]):  # it names files under --out: never a path
+        return (f"field 'dataset' is {r['dataset']!r}, expected a plain name (no path separator, "
+                "no leading dot)" if isinstance(r["dataset"], str) else
+                f"field 'dataset' is {_kind(r['dataset'])}, expected a string")
     if not isinstance(r["method"], str):
         return f"field 'method' is {_kind(r['method'])}, expected a string"
     if not isinstance(r["knobs"], dict):
@@ -45,8 +70,11 @@ def record_problem(r: dict) -> Optional[str]:
             return "field 'study' lacks a numeric 'depth' or 'steps'"
         return _number_problem(r, "miou", "miou", required=True)
     if r["dataset"] == "speed":  # `bench speed`: no accuracy (speed_report)
-        return _number_problem(r, "gflops_ratio", "gflops_ratio", required=True) or (
-            None if isinstance(r.get("speed"), dict) else "lacks field 'speed'")
+        problem = _number_problem(r, "gflops_ratio", "gflops_ratio", required=True)
+        if problem is None and not isinstance(r.get("gflops"), dict):
+            problem = "lacks field 'gflops'" if "gflops" not in r else f"field 'gflops' is {_kind(r['gflops'])}, expected an object"
+        return (problem or _number_problem(r["gflops"], "mean", "gflops.mean", required=True)
+                or _speed_problem(r.get("speed")))
     problem = _number_problem(r, "miou", "miou", required=True)
     for key in ("miou_delta", "baseline_miou", "gflops_ratio", "baseline_gflops", "control_miou",
                 "miou_delta_control"):
@@ -64,7 +92,7 @@ def record_problem(r: dict) -> Optional[str]:
     if not isinstance(r["speed"], dict):
         return f"field 'speed' is {_kind(r['speed'])}, expected an object"
     for bs, entry in r["speed"].items():
-        if not (bs.isdigit() and int(bs) > 0):
+        if not (bs.isascii() and bs.isdigit() and int(bs) > 0):
             return f"speed key {bs!r} is not a batch size"
         if not isinstance(entry, dict):
             return f"field 'speed.{bs}' is {_kind(entry)}, expected an object"

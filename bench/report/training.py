@@ -9,7 +9,7 @@ from typing import Optional
 import pandas as pd
 
 from bench.report.figures import WIDTHS
-from bench.report.records import _is_number
+from bench.report.records import _is_number, plain_name
 from bench.report.tables import _short, group_key
 from bench.results import op_label
 
@@ -22,11 +22,13 @@ def training_logs(records: list[dict], checkpoints: Path, labels: dict[str, str]
     several = len(set(labels.values())) > 1
     for r in records:
         config_hash, model = r.get("train", {}).get("config_hash"), r.get("model")
-        if not config_hash or not model:
+        if not plain_name(config_hash) or not plain_name(model):  # parts of a path: never "../x"
             continue
         own = r.get("checkpoint") != r.get("baseline_checkpoint")  # fine-tuned: its own checkpoint
         trained = [r["method"]] if own else ["baseline"] if "baseline_checkpoint" in r else [r["method"], "baseline"]
         for method in trained:
+            if not plain_name(method):
+                continue
             path = checkpoints / r["dataset"] / f"{method}-{model}-{config_hash}.log.jsonl"
             # the same configuration trained elsewhere (another machine's rounding) has other
             # weights: draw a log only next to the checkpoint whose weights the row names
