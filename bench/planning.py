@@ -17,10 +17,10 @@ from bench.errors import BenchError
 from bench.imported import stored_baseline
 from bench.protocol import attach_labels, check_execution, predict
 from bench.results import ResultsStore, op_label
-from bench.runspec import (RunOptions, _settings, checkpoint_groups, checkpoint_path, dataset_spec, eval_images,
+from bench.runspec import (RunOptions, _model_config, _settings, checkpoint_groups, checkpoint_path, dataset_spec, eval_images,
                            fine_tune_config, get_method, new_model, operating_points, point_identity,
                            stored_checkpoint, train_config)
-from bench.train import TrainConfig, load_checkpoint
+from bench.train import TrainConfig, load_checkpoint, log_path
 from methods import CONTROL, MethodSpec
 
 
@@ -42,7 +42,7 @@ def check_device(device: str, here: bool = True) -> None:
                              f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
 
 
-def check_folder(path, what: str, need_bytes: int = 0) -> None:
+def check_folder(path, what: str, need_bytes: int = 0, needs: str = "the checkpoints to train") -> None:
     """``path`` exists as a writable folder or can be made one, with ``need_bytes`` free
     on its disk. Creates nothing (a dry run calls it too)."""
     path = Path(path)
@@ -55,7 +55,7 @@ def check_folder(path, what: str, need_bytes: int = 0) -> None:
         raise BenchError(f"{what} {path}: {there} is not writable")
     free = shutil.disk_usage(there).free
     if free < need_bytes:
-        raise BenchError(f"{what} {path}: {free / 2**20:.0f} MiB free on its disk; the checkpoints to train "
+        raise BenchError(f"{what} {path}: {free / 2**20:.0f} MiB free on its disk; {needs} "
                          f"need about {need_bytes / 2**20:.0f} MiB")
 
 
@@ -111,14 +111,82 @@ def check_ops(opts: RunOptions, spec: datasets.DatasetSpec, method: MethodSpec, 
         try:
             policy = method.make_policy(trained, **knobs)
             scale = method.input_scale(knobs)
+            side = settings.resize_short or min(image.shape[-2:])
+            if 0 < scale * side < model.patch_size:
+                raise ValueError(f"scale {scale:g} shrinks the {side}-pixel side under one patch "
+                                 f"({model.patch_size} px); the smallest scale that gives one patch is "
+                                 f"{model.patch_size / side:.3g}")
             attach_labels(policy, torch.zeros(image.shape[0], *image.shape[2:], dtype=torch.long), settings, scale)
             with torch.inference_mode():
                 predict(model, policy, image, settings, scale=scale)
         except (TypeError, ValueError, RuntimeError, BenchError) as e:
+            listed = [k for k, v in knobs.items() if isinstance(v, list) and not isinstance(method.knob_types.get(k), list)
+                      and k not in method.per_layer_knobs]
+            if listed:  # a knob given several values: say how to ask for several points
+                raise BenchError(f"bad operating point {op_label(knobs)} for {method.name}: {listed[0]} takes one "
+                                 f"value per --op; repeat --op for several") from None
             raise BenchError(f"bad operating point {op_label(knobs)} for {method.name} on {spec.name} "
                              f"({train_config(opts, spec).model}, {model.depth} blocks, {image.shape[-2]}x{image.shape[-1]} input): "
                              f"{_first_line(e)}") from None
     return segmenter, trained
+
+
+SEEDS = (-2**63, 2**64 - 1)  # what torch.manual_seed accepts
+
+
+def check_seed(seed: int) -> None:
+    """``--seed`` within the range torch's generators take."""
+    if not SEEDS[0] <= seed <= SEEDS[1]:
+        raise BenchError(f"--seed {seed}: expected a whole number from {SEEDS[0]} to {SEEDS[1]}")
+
+
+def check_training_data(opts: RunOptions, spec: datasets.DatasetSpec, base_cfg: TrainConfig) -> None:
+    """What training needs of the data, before its first step: crops a whole number of
+    patches, a rescale that leaves crops with labelled pixels (the first image's size),
+    and every training label a value its class table knows."""
+    from bench.datasets.fingerprint import check_labels
+
+    patch = _model_config(base_cfg).patch_size
+    crop = base_cfg.crop_size
+    if crop < patch or crop % patch:
+        raise BenchError(f"{spec.name}: crop_size {crop} must be a multiple of the model's patch size {patch} "
+                         f"(e.g. {max(patch, crop - crop % patch)})")
+    train = datasets.open_dataset(opts.dataset, "train", opts.data_root)
+    H, W = train[0][1].shape[-2:]
+    short = getattr(train, "train_short_side", None) or min(H, W)
+    hi = max(base_cfg.scale_range)
+    if hi * short < patch:
+        raise BenchError(f"{spec.name}: scale_range {list(base_cfg.scale_range)} shrinks the training images "
+                         f"(short side {short}) under one patch ({patch} px), so crops hold almost no labelled "
+                         f"pixels; expected a high end of at least {patch / short:.3g}")
+    check_labels(train)
+
+
+def check_outputs(opts: RunOptions, spec: datasets.DatasetSpec, method: MethodSpec, steps: list[dict],
+                  need: int, results: bool) -> None:
+    """Every path a run writes, before it writes any: the checkpoint subfolder of the
+    dataset (room for the checkpoints plus the temporary copy a save makes), each
+    checkpoint and training log to train (not a folder), the results folder and file
+    (room for the new records) and the compute maps' folder."""
+    folder = Path(opts.checkpoints) / spec.name
+    check_folder(folder, "checkpoint folder", need)
+    for t in steps:
+        if t["state"] in ("train", "resume") and t["path"]:
+            for path, what in ((Path(t["path"]), "checkpoint"), (log_path(Path(t["path"])), "training log")):
+                if path.is_dir():
+                    raise BenchError(f"{what} {path} is a folder; expected a file (or nothing) there")
+    if not results:
+        return
+    store = ResultsStore(opts.results)
+    file = store.path_for(spec.name)
+    size = file.stat().st_size if file.is_file() else 0
+    check_folder(opts.results, "results folder", 2 * size + 2**20, "the results file, its rewritten copy and the new records")
+    if file.exists() and not file.is_file():
+        raise BenchError(f"results file {file} is not a file; expected a JSON-lines file (or nothing) there")
+    if file.is_file() and not os.access(file, os.W_OK):
+        raise BenchError(f"results file {file} is not writable")
+    if method.map_ops:
+        check_folder(Path(opts.results) / "figures", "compute-map folder")
 
 
 def _first_line(e: Exception) -> str:
@@ -136,6 +204,7 @@ def validate(opts: RunOptions, spec: Optional[datasets.DatasetSpec] = None, ops:
     image size of whole-image evaluation; opened when needed); ``train_ops``: the points
     whose checkpoints must be trained (default: ``ops``). Returns the ``training_plan``."""
     check_device(opts.device, here=device_here)
+    check_seed(opts.seed)
     if opts.threads < 1 or opts.batch_size < 1:
         raise BenchError("--threads and --batch-size must be at least 1")
     check_execution(opts.precision, opts.device, opts.compile, opts.compile_backend, probe=device_here)
@@ -155,11 +224,16 @@ def validate(opts: RunOptions, spec: Optional[datasets.DatasetSpec] = None, ops:
     segmenter, trained = check_ops(opts, spec, method, ops, val)
     base_cfg = train_config(opts, spec)
     steps = training_plan(opts, method, base_cfg, ops if train_ops is None else train_ops)
-    need = sum(_checkpoint_bytes(segmenter if t["method"] == "baseline" else trained, base_cfg.optimizer)
-               for t in steps if t["state"] not in ("stored", "imported"))
-    check_folder(opts.checkpoints, "checkpoint folder", need)
-    if results:
-        check_folder(opts.results, "results folder")
+    sizes = [_checkpoint_bytes(segmenter if t["method"] == "baseline" else trained, base_cfg.optimizer)
+             for t in steps if t["state"] not in ("stored", "imported")]
+    check_outputs(opts, spec, method, steps, sum(sizes) + max(sizes, default=0), results)  # + a save's temp copy
+    if sizes:
+        check_training_data(opts, spec, base_cfg)
+    if results and ops:
+        from bench.datasets.fingerprint import check_labels
+
+        check_labels(val if val is not None else datasets.open_dataset(opts.dataset, spec.preset.val_split,
+                                                                        opts.data_root), opts.limit)
     return steps
 
 
@@ -255,6 +329,9 @@ def pending_ops(opts: RunOptions) -> Optional[list]:
         return list(ops)
     store = ResultsStore(opts.results)
     images = eval_images(opts, val)
+    from bench.datasets.fingerprint import fingerprint
+
+    data = fingerprint(val, opts.limit)
     return [k for k, weights in zip(ops, checkpoints) if not store.exists(
-        point_identity(opts, spec, method.name, k, weights, images, method.input_scale(k)))]
+        point_identity(opts, spec, method.name, k, weights, images, method.input_scale(k), data))]
 

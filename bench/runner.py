@@ -7,6 +7,7 @@ options and calls ``run``/``train_checkpoint``.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import os
 import platform
@@ -22,14 +23,15 @@ from bench import datasets, distributed
 from bench.errors import BenchError
 from bench.flops import FlopModel
 from bench.imported import imported_baseline, stored_baseline  # noqa: F401 (part of the runner's API)
-from bench.planning import (check_device, check_folder, check_ops, describe_plan, pending_ops, plan,  # noqa: F401
+from bench.planning import (check_device, check_folder, check_seed, check_ops, describe_plan, pending_ops, plan,  # noqa: F401
                             training_plan, validate)
 from bench.protocol import check_execution, evaluate, speed_entry, time_methods
 from bench.results import SCHEMA_VERSION, ResultsStore
 from bench.runspec import (RunOptions, _model_config, _model_depth, _settings, checkpoint_groups,  # noqa: F401
                            checkpoint_path, dataset_spec, eval_images, eval_tokens, fine_tune_config, get_method,
                            new_model, operating_points, parse_op, point_identity, stored_checkpoint, train_config)
-from bench.train import TrainConfig, train
+from bench.datasets.fingerprint import fingerprint
+from bench.train import TrainConfig, load_checkpoint, train
 from methods import CONTROL, MethodSpec
 from methods.encoder import Policy
 
@@ -86,14 +88,60 @@ def train_checkpoint(opts: RunOptions, cfg: TrainConfig, model=None, **train_kwa
     process calls it and trains its share of each batch (``bench.train``)."""
     device = distributed.setup(opts.device)
     model = model if model is not None else new_model(cfg)
-    payload = stored_checkpoint(opts, cfg)
-    if payload is not None:
-        model.load_state_dict(payload["model"])
-        return model.eval(), payload
     dataset = datasets.open_dataset(opts.dataset, "train", opts.data_root)
-    payload = train(model, dataset, cfg, checkpoint_path(opts, cfg), device=device, progress=opts.progress,
-                    **train_kwargs)
+    provenance = {"train_fingerprint": fingerprint(dataset), "threads": torch.get_num_threads()}
+    path = checkpoint_path(opts, cfg)
+    with training_lock(opts, path):  # a second process waits, then finds the checkpoint done
+        payload = stored_checkpoint(opts, cfg)
+        if payload is None and path.exists():  # a partial one, resumed below: same data only
+            payload_partial = load_checkpoint(path)
+            check_same_data(path, payload_partial, provenance["train_fingerprint"])
+        if payload is not None:
+            check_same_data(path, payload, provenance["train_fingerprint"])
+            if payload.get("threads") not in (None, provenance["threads"]) and distributed.is_main():
+                print(f"note: reusing {path.name}, trained with {payload['threads']} thread(s); this run uses "
+                      f"{provenance['threads']} (CPU training rounds differently per thread count)")
+            model.load_state_dict(payload["model"])
+            return model.eval(), payload
+        payload = train(model, dataset, cfg, path, device=device, progress=opts.progress,
+                        provenance={k: v for k, v in provenance.items() if v is not None}, **train_kwargs)
     return model.eval(), payload
+
+
+def check_same_data(path: Path, payload: dict, current: Optional[str]) -> None:
+    """A checkpoint trained on other training data is refused (never overwritten); one
+    stored before fingerprints were (none stored) is taken as it is."""
+    stored = payload.get("train_fingerprint")
+    if stored is not None and current is not None and stored != current:
+        raise BenchError(f"checkpoint {path} was trained on a training split with fingerprint {stored}; the split "
+                         f"now has {current} (its files changed): move the checkpoint away or use another "
+                         "--checkpoints folder to train on the new data")
+
+
+@contextlib.contextmanager
+def training_lock(opts: RunOptions, path: Path):
+    """One process trains a checkpoint at a time (``<checkpoints>/.locks/``); under
+    torchrun the ranks train it together, so no lock."""
+    if distributed.is_distributed():
+        yield
+        return
+    from filelock import FileLock, Timeout
+
+    where = Path(opts.checkpoints) / ".locks" / f"{path.parent.name}-{path.name}.lock"
+    try:
+        where.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BenchError(f"cannot write the training lock {where}: {e.strerror or e}") from None
+    lock = FileLock(str(where))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        print(f"waiting for another process training {path.name} to finish ({where})", flush=True)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def baseline_checkpoint(opts: RunOptions, cfg: TrainConfig):
@@ -169,6 +217,7 @@ def run(opts: RunOptions) -> list[dict]:
     spec = dataset_spec(opts)
     if opts.threads < 1 or opts.batch_size < 1:
         raise BenchError("--threads and --batch-size must be at least 1")
+    check_seed(opts.seed)
     torch.set_num_threads(opts.threads)
     torch.manual_seed(opts.seed)
     env = environment(opts.device, opts.threads)  # the code as it is when the run starts
@@ -196,7 +245,8 @@ def run(opts: RunOptions) -> list[dict]:
             raise BenchError(f"bad operating point {knobs} for {method.name}: {e}") from None
     checkpoint = payload.get("weights")
     n_images = eval_images(opts, val)
-    points = [point_identity(opts, spec, method.name, knobs, checkpoint, n_images, scale)
+    data_fingerprint = fingerprint(val, opts.limit)
+    points = [point_identity(opts, spec, method.name, knobs, checkpoint, n_images, scale, data_fingerprint)
               for knobs, _, scale in policies]
     if not opts.replace:  # resume: operating points already stored are not measured again
         todo = [i for i, point in enumerate(points) if not store.exists(point)]
@@ -260,6 +310,8 @@ def run(opts: RunOptions) -> list[dict]:
             "timing_images": len(timing),
             "seed": opts.seed,
             "train": {"steps": base_cfg.steps, "config_hash": payload["config"].get("hash")},
+            **{k: v for k, v in (("train_fingerprint", payload.get("train_fingerprint")),
+                                 ("train_threads", payload.get("threads"))) if v is not None},
             **({"eval_processes": distributed.world_size()} if distributed.is_distributed() else {}),
             **env,
         }

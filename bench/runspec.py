@@ -86,6 +86,12 @@ def parse_op(method: MethodSpec, text: str) -> dict:
         allowed = method.knob_choices.get(key)
         if allowed is not None and any(v not in allowed for v in items):
             raise BenchError(f"bad --op {text!r}: {key} must be one of {', '.join(map(str, allowed))}")
+        if len(items) > 1 and not as_list and key not in method.per_layer_knobs:
+            raise BenchError(f"bad --op {text!r}: {key} takes one value per --op; repeat --op for several "
+                             f"(--op {key}={items[0]} --op {key}={items[1]})")
+        if key == "layers" and len(set(items)) < len(items):
+            twice = next(v for v in items if items.count(v) > 1)
+            raise BenchError(f"bad --op {text!r}: layers lists {twice} twice; expected each layer once")
         knobs[key] = items if as_list or len(items) > 1 else items[0]
     return knobs
 
@@ -200,13 +206,15 @@ def eval_images(opts: RunOptions, val) -> int:
 
 
 def point_identity(opts: RunOptions, spec, method: str, knobs: dict, checkpoint: Optional[str], images: int,
-                   scale: float) -> dict:
+                   scale: float, data_fingerprint: Optional[str] = None) -> dict:
     """The fields that identify a record of this operating point (``bench.results``):
     whatever changes its numbers. The one place they are built: the record carries them,
-    and the resume checks (``run``, ``pending_ops``) look them up."""
+    and the resume checks (``run``, ``pending_ops``) look them up. ``data_fingerprint``:
+    the evaluated split's (``bench.datasets.fingerprint``), None for a split in memory."""
     settings = _settings(spec, opts)
     return {"method": method, "knobs": knobs, "dataset": spec.name, "split": spec.preset.val_split,
             "checkpoint": checkpoint, "images": images, "device": opts.device, "precision": opts.precision,
             "batch_sizes": sorted({1, opts.batch_size}), **({"compile": True} if opts.compile else {}),
+            **({"data_fingerprint": data_fingerprint} if data_fingerprint is not None else {}),
             "eval": {"mode": settings.mode, "window": settings.window, "stride": settings.stride, "scale": scale}}
 

@@ -12,6 +12,8 @@ method goes to ``<results>/speed.jsonl`` (dataset ``speed``). Accuracy is not me
 """
 from __future__ import annotations
 
+import os
+
 from dataclasses import dataclass, field, replace
 from typing import Optional
 
@@ -122,6 +124,40 @@ def identity(opts: SpeedOptions, name: str, knobs: dict, decoder: str, checkpoin
                      "num_classes": opts.num_classes}}
 
 
+def available_memory(device: str) -> int:
+    """Bytes free for tensors: the GPU's free memory, or the host's available memory."""
+    if device.startswith("cuda"):
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def memory_estimate(opts: SpeedOptions, model) -> int:
+    """A lower bound of the bytes ``bench speed`` allocates: the uint8 images (on the
+    host) and, at the largest batch, the token activations of one block (input, QKV,
+    MLP hidden: about 8 x tokens x width floats per image)."""
+    images = opts.timing_images * 3 * opts.size * opts.size
+    tokens = model.grid_size(opts.size, opts.size)
+    tokens = tokens[0] * tokens[1] if isinstance(tokens, tuple) else int(tokens)
+    activations = max(opts.batch_sizes) * tokens * model.config.embed_dim * 4 * 8
+    return images + activations
+
+
+def check_memory(opts: SpeedOptions, model) -> None:
+    """Refuses, in one line, a size whose images and activations cannot fit."""
+    need, free = memory_estimate(opts, model), available_memory(opts.device)
+    if need > free:
+        raise BenchError(f"--size {opts.size} with --timing-images {opts.timing_images} and batch "
+                         f"{max(opts.batch_sizes)} needs at least {need / 2**30:.1f} GiB; {opts.device} has "
+                         f"{free / 2**30:.1f} GiB free: use a smaller --size, batch or --timing-images")
+
+
 def run_speed(opts: SpeedOptions) -> list[dict]:
     from bench.runner import environment
 
@@ -151,6 +187,7 @@ def run_speed(opts: SpeedOptions) -> list[dict]:
     opts = replace(opts, num_classes=num_classes)
     if opts.size % model.patch_size:
         raise BenchError(f"--size {opts.size} is not a multiple of the patch size {model.patch_size}")
+    check_memory(opts, model)
     model = model.to(opts.device).eval()
     decoder = model.config.decoder
     runs = build_runs(opts, model)

@@ -291,6 +291,7 @@ def train(
     progress: bool = True,
     stop_after: Optional[int] = None,
     log_every: int = 10,
+    provenance: Optional[dict] = None,
 ) -> dict:
     """Train ``model`` (in place) to ``cfg.steps``, resuming from ``path`` if present.
 
@@ -298,7 +299,8 @@ def train(
     (as an interruption would), used by tests of resumption. ``log_every``: steps between
     lines of the training log (``log_path(path)``). Under torchrun every process
     calls this with the same arguments (see the module notes); the payload they return
-    is the same.
+    is the same. ``provenance``: fields the checkpoint also stores (the training split's
+    fingerprint, the thread count), outside its configuration and its hash.
     """
     rank, world = distributed.rank(), distributed.world_size()
     if log_every < 1:
@@ -349,13 +351,15 @@ def train(
             return None
         payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
                    "config": {**cfg.to_dict(), "hash": cfg.hash()}, "done": step >= cfg.steps,
-                   "weights": weights_hash(model)}
+                   "weights": weights_hash(model), **(provenance or {})}
         if rank == 0:
             save_checkpoint(path, payload)
         return payload
 
     t0 = time.perf_counter()
     completed, stepping = start, False
+    if log_path(path).is_dir():
+        raise BenchError(f"training log {log_path(path)} is a folder; expected a file (or nothing) there")
     log = TrainingLog(log_path(path), log_every, start, enabled=rank == 0)
     try:
         for step, (images, labels) in zip(range(start, end), loader):

@@ -203,6 +203,8 @@ def read_weights(path, fmt: Optional[str] = None) -> Imported:
     path = Path(path)
     if fmt is not None and fmt not in FORMATS:
         raise BenchError(f"--weights-format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    if path.is_dir():
+        _fail(path, "is a folder; expected a checkpoint file (.pt/.pth) in it, e.g. checkpoint.pth")
     if not path.is_file():
         _fail(path, "no such file")
     try:

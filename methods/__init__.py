@@ -51,6 +51,7 @@ class MethodSpec:
         return self.default_ops_for(depth, tokens) if self.default_ops_for else list(self.default_ops)
     knob_choices: dict = field(default_factory=dict)  # knob -> its allowed values, where they are a list
     knob_help: dict = field(default_factory=dict)  # knob -> what it is and its range, for `bench methods`
+    per_layer_knobs: tuple = ()  # scalar knobs that also take one value per layer ("tau=0.1,0.2")
 
 
 def _baseline(model=None) -> Policy:
@@ -127,7 +128,7 @@ METHODS: dict[str, MethodSpec] = {
                 m, images, labels, tau_max=tau_max, head_weight=head_weight),
             knobs={"tau_max": 0.5, "head_weight": 0.5},
         ),
-        map_ops=[{"tau": 0.1}, {"tau": 0.3}], swept="tau",
+        map_ops=[{"tau": 0.1}, {"tau": 0.3}], swept="tau", per_layer_knobs=("tau",),
         knob_choices={"criterion": paumer.CRITERIA, "batching": BATCHINGS},
         knob_help={"tau": "pause below this score, in [0, 1]; one value, or one per pausing layer",
                    "criterion": "the score a patch pauses on (default entropy; schedule: forced shares, for bench speed)",
@@ -138,7 +139,7 @@ METHODS: dict[str, MethodSpec] = {
         "tome", "token merging (bipartite soft matching) in every block, unmerged after the decoder", _tome,
         # r merged per block, up to the largest r each schedule allows for the input's token count
         tome.default_ops(256, 6),
-        knob_types={"r": int, "schedule": str, "unmerge": str}, swept="r",
+        knob_types={"r": int, "schedule": str, "unmerge": str}, swept="r", per_layer_knobs=("r",),
         default_ops_for=lambda depth, tokens: tome.default_ops(tokens, depth),
         knob_choices={"schedule": tome.SCHEDULES, "unmerge": tome.UNMERGE},
         knob_help={"r": "tokens merged per block, >= 0 and at most half the block's tokens",

@@ -38,3 +38,17 @@ class ToyDataset(torch.utils.data.Dataset):
 @pytest.fixture
 def toy_dataset():
     return ToyDataset()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory):
+    """Fingerprint caches (bench.datasets.fingerprint) go to a folder of the test session."""
+    import os
+
+    old = os.environ.get("BENCH_CACHE_DIR")
+    os.environ["BENCH_CACHE_DIR"] = str(tmp_path_factory.mktemp("bench-cache"))
+    yield
+    if old is None:
+        os.environ.pop("BENCH_CACHE_DIR", None)
+    else:
+        os.environ["BENCH_CACHE_DIR"] = old
