@@ -127,6 +127,27 @@ def test_a_bad_label_value_in_a_used_split_is_found_before_training(tmp_path, ca
     assert not (tmp_path / "ck").exists() and not (tmp_path / "res").exists()
 
 
+def test_an_idd_lite_validation_label_of_value_8_is_found_before_training(tmp_path, capsys, monkeypatch):
+    from dataclasses import replace
+
+    from bench import datasets
+    from methods import segmenter
+    from tests.test_idd_lite import _run_args as idd_args, make_idd_lite
+
+    monkeypatch.setitem(segmenter.PRESETS, "tiny", segmenter.ModelConfig(depth=2, embed_dim=32, num_heads=2, img_size=32))
+    spec = datasets.DATASETS["idd-lite"]
+    monkeypatch.setitem(datasets.DATASETS, "idd-lite", replace(spec, preset=replace(
+        spec.preset, crop_size=16, resize_short=24, batch_size=2, steps=2)))
+    monkeypatch.setenv("BENCH_WORKERS", "0")
+    root = make_idd_lite(tmp_path / "idd", counts={"train": 2, "val": 2})
+    bad = root / "idd20k_lite" / "gtFine" / "val" / "1" / "000001_label.png"
+    _bad_label(bad, 8)
+    code, _, err = run_cli(capsys, *idd_args(tmp_path, root))
+    assert code == 2 and err.startswith("error: idd-lite: ")
+    assert_one_line_error(code, err, str(bad), "label value(s) 8", "level-1 ids 0-6 or 255")
+    assert not (tmp_path / "ck").exists() and not (tmp_path / "res").exists()
+
+
 def _records(tmp_path):
     return [json.loads(line) for line in (tmp_path / "res" / "mine.jsonl").read_text().splitlines()]
 

@@ -132,7 +132,7 @@ def check_labels(dataset, limit: Optional[int] = None) -> None:
             if len(values):
                 table(values, label_path)  # raises the table's one-line message
     except DataError as e:
-        raise DataError(f"{getattr(dataset, 'name', 'dataset')} {getattr(dataset, 'split', '')} split: {e}") from None
+        raise DataError(f"{getattr(dataset, 'name', 'dataset')}: {e}") from None
     finally:
         if new:
             _save(new)
