@@ -94,8 +94,7 @@ def train_checkpoint(opts: RunOptions, cfg: TrainConfig, model=None, **train_kwa
     with training_lock(opts, path):  # a second process waits, then finds the checkpoint done
         payload = stored_checkpoint(opts, cfg)
         if payload is None and path.exists():  # a partial one, resumed below: same data only
-            payload_partial = load_checkpoint(path)
-            check_same_data(path, payload_partial, provenance["train_fingerprint"])
+            check_same_data(path, load_checkpoint(path), provenance["train_fingerprint"])
         if payload is not None:
             check_same_data(path, payload, provenance["train_fingerprint"])
             if payload.get("threads") not in (None, provenance["threads"]) and distributed.is_main():

@@ -53,7 +53,8 @@ def _ck_path(tmp_path, spec, **kw):
     return runner.checkpoint_path(opts, runner.train_config(opts, spec))
 
 
-@pytest.mark.parametrize("case", ["dataset folder is a file", "training log is a folder", "results file is a folder",
+@pytest.mark.parametrize("case", ["dataset folder is a file", "dataset folder is unwritable", "results file is unwritable",
+                                  "training log is a folder", "results file is a folder",
                                   "figures is a file", "results disk is full", "no room for the temporary copy"])
 def test_every_output_path_is_checked_before_training(tmp_path, capsys, toy, monkeypatch, case):  # noqa: F811
     from bench.train import log_path
@@ -63,6 +64,16 @@ def test_every_output_path_is_checked_before_training(tmp_path, capsys, toy, mon
         (tmp_path / "ck").mkdir()
         (tmp_path / "ck" / "toy").write_text("x")
         words = [str(tmp_path / "ck" / "toy"), "not a folder"]
+    elif case in ("dataset folder is unwritable", "results file is unwritable"):
+        blocked = tmp_path / "ck" / "toy" if case.startswith("dataset") else tmp_path / "res" / "toy.jsonl"
+        if case.startswith("dataset"):
+            blocked.mkdir(parents=True)
+        else:
+            blocked.parent.mkdir()
+            blocked.write_text("")
+        access = planning.os.access  # root may write anything: say it may not
+        monkeypatch.setattr(planning.os, "access", lambda p, mode: str(p) != str(blocked) and access(p, mode))
+        words = [str(blocked), "not writable"]
     elif case == "training log is a folder":
         log = log_path(_ck_path(tmp_path, toy))
         log.mkdir(parents=True)
