@@ -1,0 +1,42 @@
+"""bench: adaptive-compute methods for segmentation transformers under one protocol.
+
+The Python API (docs/python-api.md), imported on first use so that ``import bench`` and
+the CLI stay light:
+
+- ``bench.patch(model, method, **knobs)`` / ``bench.unpatch(patched)``: a method on a timm
+  ViT or bench's Segmenter; ``bench.segmenter(model, dataset)``: bench's model, a preset or
+  ``timm:<name>``; ``bench.fine_tune(patched, dataset, steps=...)``: train its heads;
+- ``bench.flops(model, images)``: GFLOPs per image, the records' counter;
+  ``bench.time(models, images, batch_sizes=...)``: the interleaved timing loop of ``bench run``;
+- ``bench.run(method, dataset, ...)``, ``bench.report(...)``: ``bench run`` / ``bench report``;
+  ``bench.load_records(path_or_dataset)``: stored records as a pandas DataFrame;
+- ``bench.load_segmenter(path, format=None, **overrides)``: a released or bench checkpoint
+  as a Segmenter (``bench.loading``).
+"""
+from __future__ import annotations
+
+import importlib
+
+_API = {
+    "patch": "bench.api", "unpatch": "bench.api", "segmenter": "bench.api", "fine_tune": "bench.api",
+    "run": "bench.api", "report": "bench.api", "load_records": "bench.api",
+    "flops": "bench.measure", "time": "bench.measure",
+    "load_segmenter": "bench.loading",
+    "BenchError": "bench.errors",
+}
+
+__all__ = sorted(_API)
+
+
+def __getattr__(name: str):
+    # a submodule of the same name (bench.report, ...) is found by the import system first,
+    # so only the API's functions come through here
+    if name not in _API:
+        raise AttributeError(f"module 'bench' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_API[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_API))
