@@ -33,7 +33,13 @@ def __getattr__(name: str):
     # so only the API's functions come through here
     if name not in _API:
         raise AttributeError(f"module 'bench' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_API[name]), name)
+    try:
+        module = importlib.import_module(_API[name])
+    except ModuleNotFoundError as e:
+        if e.name != _API[name]:
+            raise
+        raise AttributeError(f"bench.{name} needs {_API[name]}, which this checkout does not have") from None
+    value = getattr(module, name)
     globals()[name] = value
     return value
 

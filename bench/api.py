@@ -149,9 +149,10 @@ def report(results: str = "results", out: str = "reports", **options) -> list[Pa
 
 
 def load_records(path_or_dataset: Union[str, Path] = "synthetic", results: str = "results"):
-    """Stored records as a pandas DataFrame, one row per record, each knob a column of its
-    own (``knob_<name>`` where a record field has the knob's name), ``op`` the operating
-    point as reports write it. ``path_or_dataset``: a ``.jsonl`` file, a results folder
+    """Stored records as a pandas DataFrame, one row per record: every record field, each
+    knob a column of its own (``knob_<name>`` where a record field has the knob's name),
+    ``op`` the operating point as reports write it, and flat ``gflops_mean``,
+    ``throughput_b<B>`` / ``speedup_b<B>`` per batch size, ``latency_p50_ms`` / ``_p90_ms``. ``path_or_dataset``: a ``.jsonl`` file, a results folder
     (every dataset in it), or a dataset name (``<results>/<name>.jsonl``)."""
     import pandas as pd
 
@@ -177,5 +178,13 @@ def load_records(path_or_dataset: Union[str, Path] = "synthetic", results: str =
         row["op"] = op_label(knobs)
         for k, v in knobs.items():
             row[f"knob_{k}" if k in rec else k] = tuple(v) if isinstance(v, list) else v
+        if isinstance(rec.get("gflops"), dict):
+            row["gflops_mean"] = rec["gflops"].get("mean")
+        for bs, entry in (rec.get("speed") or {}).items():  # batch size -> its speed entry
+            if isinstance(entry, dict):
+                row[f"throughput_b{bs}"], row[f"speedup_b{bs}"] = entry.get("throughput"), entry.get("speedup")
+                latency = entry.get("latency_ms")
+                if isinstance(latency, dict):
+                    row["latency_p50_ms"], row["latency_p90_ms"] = latency.get("p50"), latency.get("p90")
         rows.append(row)
     return pd.DataFrame(rows)
