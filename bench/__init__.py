@@ -16,6 +16,8 @@ the CLI stay light:
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 
 _API = {
     "patch": "bench.api", "unpatch": "bench.api", "segmenter": "bench.api", "fine_tune": "bench.api",
@@ -46,3 +48,18 @@ def __getattr__(name: str):
 
 def __dir__():
     return sorted(set(globals()) | set(_API))
+
+
+class _Package(types.ModuleType):
+    """``bench.flops`` and ``bench.report`` are API functions and also submodules
+    (``bench/flops.py``, ``bench/report/``). Importing a submodule binds it on its
+    package, which would hide the function; the binding is refused here, so the names
+    stay the functions and the modules stay importable (``from bench.flops import ...``)."""
+
+    def __setattr__(self, name, value):
+        if name in _API and isinstance(value, types.ModuleType) and value.__name__ == f"{__name__}.{name}":
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package  # a ModuleType subclass, as the import system allows

@@ -77,3 +77,13 @@ def test_the_example_runs_end_to_end(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "GFLOPs per image" in out.stdout and "r=24" in out.stdout
     assert (tmp_path / "results" / "synthetic.jsonl").exists()
+
+
+def test_api_names_stay_functions_when_their_submodules_load_first():
+    code = ("import bench.flops, bench.report.build, bench; "
+            "from bench.flops import FlopModel; "
+            "assert bench.flops.__module__ == 'bench.measure' and bench.report.__module__ == 'bench.api'; "
+            "assert 'time' not in vars(bench) or callable(bench.time)")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]

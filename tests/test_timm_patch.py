@@ -94,6 +94,10 @@ def test_bad_models_and_inputs_get_one_line():
         bench.patch(torch.nn.Linear(3, 3), "tome", r=1)
     with pytest.raises(BenchError, match="register tokens"):
         bench.patch(tiny_vit(reg_tokens=4), "tome", r=1)
+    custom = tiny_vit()
+    custom.blocks[0] = type("MyBlock", (torch.nn.Module,), {"forward": lambda self, x: x})()
+    with pytest.raises(BenchError, match="timm's vision_transformer.Block .* has Block, MyBlock"):
+        bench.patch(custom, "tome", r=1)
     with pytest.raises(BenchError, match="unknown method"):
         bench.patch(tiny_vit(), "tomme")
     with pytest.raises(BenchError, match="no knob"):
