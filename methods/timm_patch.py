@@ -32,8 +32,6 @@ from torch import Tensor, nn
 from methods.encoder import Policy, TokenState, run_encoder
 
 OUTPUTS = ("grid", "rows")
-# policies that merge prefix rows' neighbours: they protect one class token only
-_ONE_PREFIX_ONLY = ("tome", "algm", "algm-ft")
 
 
 def is_timm_vit(model) -> bool:
@@ -238,12 +236,15 @@ def patch_model(model: nn.Module, spec, knobs: dict, *, output: str = "grid",
         raise ValueError(f"{spec.name} has no knob {', '.join(unknown)}; its knobs: {', '.join(sorted(known)) or 'none'}")
     if ft is not None and base.num_classes < 1:
         raise ValueError(f"{spec.name}'s heads predict per-patch classes: pass num_classes (this model has none)")
-    if spec.name in _ONE_PREFIX_ONLY and base.num_prefix_tokens > 1:
-        raise ValueError(f"{spec.name} protects one class token only; this model has {base.num_prefix_tokens} "
-                         "prefix tokens (a distillation token)")
     trainable = ft.build(base, **{k: v for k, v in knobs.items() if k not in policy_knobs or k == "layers"}) \
         if ft is not None else base
     policy = spec.make_policy(trainable, **{k: v for k, v in knobs.items() if k in policy_knobs})
+    from methods.algm import ALGMPolicy
+    from methods.tome import ToMePolicy
+
+    if isinstance(policy, (ToMePolicy, ALGMPolicy)) and base.num_prefix_tokens > 1:  # they match row 0 apart only
+        raise ValueError(f"{spec.name} protects one class token only; this model has {base.num_prefix_tokens} "
+                         "prefix tokens (a distillation token)")
     scale = spec.input_scale(knobs)
     if isinstance(base, TimmEncoder):
         return PatchedViT(model, trainable, policy, spec.name, knobs, scale, output=output)
