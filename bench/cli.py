@@ -15,7 +15,7 @@ def train_options(f):
         click.option("--data-root", default=None, help="dataset root (default: the dataset's environment variable or ./data)"),
         click.option("--name", "dataset_name", default=None,
                      help="folder datasets: the name its records, checkpoints and reports use (default: bench.json's)"),
-        click.option("--model", default=None, help="model preset: tiny, vit_tiny, vit_small, vit_base, vit_large (default: the dataset's)"),
+        click.option("--model", default=None, help="model preset: tiny, vit_tiny, vit_small, vit_base, vit_large, or timm:<name> (any plain timm ViT, e.g. timm:deit_small_patch16_224; default: the dataset's)"),
         click.option("--decoder", type=click.Choice(["linear", "mask"]), default=None, help="decoder (default: the dataset's)"),
         click.option("--depth", type=click.IntRange(min=1), default=None, help="encoder blocks (default: the preset's)"),
         click.option("--pretrained", is_flag=True, help="start from timm's ImageNet weights (needs the network or a warm cache)"),

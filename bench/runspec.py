@@ -115,6 +115,11 @@ def checkpoint_path(opts: RunOptions, cfg: TrainConfig) -> Path:
 def new_model(cfg: TrainConfig):
     """The untrained model of ``cfg``, its initial weights a function of ``cfg.seed`` alone
     (``bench run`` and ``bench train`` start from the same weights, run after run)."""
+    if cfg.model.startswith("timm:"):  # timm brings patch sizes (14) that no preset has: refused before building
+        patch = _model_config(cfg).patch_size
+        if cfg.crop_size % patch:
+            raise BenchError(f"the training crop {cfg.crop_size} is not a multiple of {cfg.model}'s patch size "
+                             f"{patch}; pick a model whose patch divides it")
     torch.manual_seed(cfg.seed)
     try:
         return build_model(cfg.num_classes, cfg.model, pretrained=cfg.pretrained, **cfg.model_overrides)

@@ -77,8 +77,9 @@ def _shallow(trained, depth=None) -> Policy:
     return Policy()
 
 
-def _tome(model, r=0, schedule="constant", unmerge="after") -> Policy:
-    return tome.ToMePolicy(getattr(model, "segmenter", model).depth, r=r, schedule=schedule, unmerge=unmerge)
+def _tome(model, r=0, schedule="constant", unmerge="after", prop_attn=True) -> Policy:
+    return tome.ToMePolicy(getattr(model, "segmenter", model).depth, r=r, schedule=schedule, unmerge=unmerge,
+                           prop_attn=prop_attn)
 
 
 def _algm(model, threshold=0.88, layers=None, global_threshold=None, batching="pad", unmerge="after") -> Policy:

@@ -68,9 +68,18 @@ PRESETS: dict[str, ModelConfig] = {
 
 
 def model_config(preset: str, **overrides) -> ModelConfig:
-    if preset not in PRESETS:
-        raise ValueError(f"unknown model preset {preset!r}; expected one of {', '.join(PRESETS)}")
-    return replace(PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None})
+    """A preset's config, or (``timm:<name>``) the encoder shape of timm's ViT ``name``
+    (``methods.timm_arch``), with ``overrides``."""
+    if preset.startswith("timm:"):
+        from methods.timm_arch import timm_config
+
+        base = timm_config(preset[len("timm:"):])
+    elif preset not in PRESETS:
+        raise ValueError(f"unknown model preset {preset!r}; expected one of {', '.join(PRESETS)} "
+                         "or timm:<name> (any plain timm ViT)")
+    else:
+        base = PRESETS[preset]
+    return replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
 
 class LinearDecoder(nn.Module):
@@ -256,7 +265,7 @@ def load_imagenet_weights(model: Segmenter) -> None:
     """Fetch timm's ImageNet weights for the preset and copy them into the encoder."""
     name = model.config.timm_name
     if name is None:
-        raise ValueError("this model preset has no ImageNet weights; use vit_tiny, vit_small or vit_base")
+        raise ValueError("this model preset has no ImageNet weights; use vit_tiny, vit_small, vit_base or timm:<name>")
     import timm
 
     try:

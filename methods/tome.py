@@ -231,7 +231,8 @@ class ToMePolicy(Policy):
         self.r, self.schedule, self.prop_attn, self.unmerge = r, schedule, prop_attn, unmerge
 
     def describe(self) -> dict:
-        return {"r": self.r, "schedule": self.schedule, "r_per_block": self.rs, "unmerge": self.unmerge}
+        plain = {} if self.prop_attn else {"prop_attn": False}  # only when off: stored records predate it
+        return {"r": self.r, "schedule": self.schedule, "r_per_block": self.rs, "unmerge": self.unmerge, **plain}
 
     def start(self, model, state: TokenState) -> None:
         if state.valid is not None:
