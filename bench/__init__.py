@@ -1,0 +1,1 @@
+from bench.loading import load_segmenter
