@@ -26,7 +26,7 @@ from typing import Optional
 
 from bench.errors import BenchError
 from bench.weights import Imported, load_into, read_weights
-from methods.segmenter import PRESETS, ModelConfig, Segmenter, model_config
+from methods.segmenter import NUMERICS, PRESETS, ModelConfig, Segmenter, model_config
 
 # the reference code's own numerics, where the file says nothing of them
 RSTRUDEL_NUMERICS = dict(eps_blocks=1e-5, eps_norm=1e-5, eps_decoder=1e-5, eps_decoder_norms=1e-5,
@@ -136,12 +136,12 @@ def _need(path, layout: str, table: dict, key: str, where: str):
     return table[key]
 
 
-def _shape_from_tensors(imported: Imported, numerics: dict, source: str) -> ModelConfig:
-    """Shape from the tensors, heads by the presets' rule (width / 64); a width no
-    preset has needs the file's configuration."""
+def _shape_from_tensors(imported: Imported, numerics: dict, base: Optional[ModelConfig] = None) -> ModelConfig:
+    """Shape from the tensors, heads from ``base`` (the ``--model`` preset) or the preset
+    of the same width (width / 64); a width no preset has needs the file's configuration."""
     s = imported.shape
     widths = sorted({c.embed_dim for c in PRESETS.values() if c.patch_size == 16})
-    preset = next((c for c in PRESETS.values() if c.embed_dim == s["embed_dim"] and c.patch_size == 16), None)
+    preset = base or next((c for c in PRESETS.values() if c.embed_dim == s["embed_dim"] and c.patch_size == 16), None)
     if preset is None:
         where = "variant.yml beside it" if imported.format == "segmenter" else "its configuration (meta.cfg)"
         _fail(imported.path, f"{imported.format} checkpoint without {where}, and "
@@ -158,11 +158,11 @@ def _tokens(imported: Imported) -> dict:
                 patch_bias=imported.shape["patch_bias"])
 
 
-def _rstrudel(imported: Imported) -> CheckpointConfig:
+def _rstrudel(imported: Imported, base: Optional[ModelConfig] = None) -> CheckpointConfig:
     path, s = imported.path, imported.shape
     variant_path = imported.path.parent / "variant.yml"
     if not variant_path.is_file():
-        config = _shape_from_tensors(imported, RSTRUDEL_NUMERICS, "presets")
+        config = _shape_from_tensors(imported, RSTRUDEL_NUMERICS, base)
         return CheckpointConfig(config, s["num_classes"], "presets (no variant.yml beside the file)")
     variant = _read_variant(variant_path)
     net = _need(path, "rstrudel/segmenter", variant, "net_kwargs", "variant.yml")
@@ -192,11 +192,11 @@ def _rstrudel(imported: Imported) -> CheckpointConfig:
                             crop=data.get("crop_size"))
 
 
-def _mmseg(imported: Imported) -> CheckpointConfig:
+def _mmseg(imported: Imported, base: Optional[ModelConfig] = None) -> CheckpointConfig:
     path, s = imported.path, imported.shape
     text = (imported.meta or {}).get("cfg")
     if not isinstance(text, str):
-        config = _shape_from_tensors(imported, MMSEG_NUMERICS, "presets")
+        config = _shape_from_tensors(imported, MMSEG_NUMERICS, base)
         return CheckpointConfig(config, s["num_classes"], "presets (no meta.cfg in the file)")
     try:
         cfg = parse_mmseg_cfg(text)
@@ -250,7 +250,7 @@ def _mmseg(imported: Imported) -> CheckpointConfig:
                             stride=stride, crop=_square(path, "meta.cfg crop_size", crop) if crop else None)
 
 
-def _bench(imported: Imported) -> CheckpointConfig:
+def _bench(imported: Imported, base: Optional[ModelConfig] = None) -> CheckpointConfig:
     meta = imported.meta or {}
     try:
         overrides = dict(meta.get("model_overrides") or {})
@@ -265,9 +265,10 @@ def _bench(imported: Imported) -> CheckpointConfig:
                             crop=meta.get("crop_size"))
 
 
-def checkpoint_config(imported: Imported) -> CheckpointConfig:
-    """The model a read checkpoint describes (``read_weights``), from its configuration."""
-    ref = {"segmenter": _rstrudel, "mmseg": _mmseg, "bench": _bench}[imported.format](imported)
+def checkpoint_config(imported: Imported, base: Optional[ModelConfig] = None) -> CheckpointConfig:
+    """The model a read checkpoint describes (``read_weights``), from its configuration;
+    where it has none, from its tensors and ``base`` (a preset; None: the preset of its width)."""
+    ref = {"segmenter": _rstrudel, "mmseg": _mmseg, "bench": _bench}[imported.format](imported, base)
     s, c = imported.shape, ref.config
     checks = [("patch_embed.proj.weight", "width", s["embed_dim"], c.embed_dim),
               ("patch_embed.proj.weight", "patch size", s["patch_size"], c.patch_size),
@@ -304,3 +305,47 @@ def load_segmenter(path, format: Optional[str] = None, **overrides) -> Segmenter
     load_into(model, imported, preset=ref.source, num_classes=ref.num_classes, dataset=ref.source)
     print(f"load_segmenter: {ref.line(imported)}", file=sys.stderr)
     return model.eval()
+
+
+# what --weights reads for a run: ``(path, size, mtime, format)`` -> (Imported, CheckpointConfig, base)
+_FILES: dict = {}
+# fields the file decides for ``--model``: its shape must be the preset's (``check_fits``)
+FILE_DECIDES = ("img_size", "num_heads", "dist_token", "patch_bias", *NUMERICS)
+
+
+def read_for_preset(path, fmt: Optional[str], preset: str, decoder: Optional[str] = None):
+    """``--weights``: the file (``read_weights``) and its configuration for ``--model
+    preset``, read once per file. Returns (Imported, CheckpointConfig)."""
+    p = Path(path)
+    stat = p.stat() if p.is_file() else None
+    key = (str(p.resolve()), stat and (stat.st_size, stat.st_mtime_ns), fmt, preset, decoder)
+    if key not in _FILES:
+        imported = read_weights(path, fmt)
+        try:
+            base = model_config(preset, **({"decoder": decoder} if decoder else {}))
+        except (TypeError, ValueError) as e:
+            raise BenchError(str(e)) from None
+        _FILES.clear()
+        _FILES[key] = (imported, checkpoint_config(imported, base))
+    return _FILES[key]
+
+
+def preset_overrides(path, fmt: Optional[str], preset: str, decoder: Optional[str] = None) -> dict:
+    """The ModelConfig overrides that make ``--model preset`` the file's model: its
+    trained size (the native grid), heads, prefix tokens, patch bias and numerics, each
+    only where it differs from the preset's."""
+    _, ref = read_for_preset(path, fmt, preset, decoder)
+    base = model_config(preset, **({"decoder": decoder} if decoder else {}))
+    return {name: getattr(ref.config, name) for name in FILE_DECIDES
+            if getattr(ref.config, name) != getattr(base, name)}
+
+
+def native_window(path, fmt: Optional[str], preset: str, decoder: Optional[str],
+                  window: Optional[int], stride: Optional[int]) -> tuple:
+    """The sliding window and stride an imported model is evaluated with: its
+    configuration's, else its trained size (stride at most that), else the dataset's."""
+    _, ref = read_for_preset(path, fmt, preset, decoder)
+    if ref.window:
+        return ref.window, ref.stride or ref.window
+    size = ref.config.img_size
+    return size, min(stride or size, size)

@@ -95,10 +95,18 @@ def train_config(opts: RunOptions, spec: datasets.DatasetSpec, method: str = "ba
     overrides = {"decoder": opts.decoder or p.decoder}
     if opts.depth is not None:
         overrides["depth"] = opts.depth
+    crop = p.crop_size
+    if opts.weights is not None:  # the file's own model: trained size, tokens, numerics (bench.loading)
+        from bench.loading import read_for_preset, preset_overrides
+
+        overrides.update(preset_overrides(opts.weights, opts.weights_format, opts.model or p.model,
+                                          overrides["decoder"]))
+        crop = read_for_preset(opts.weights, opts.weights_format, opts.model or p.model,
+                               overrides["decoder"])[1].crop or crop
     return TrainConfig(dataset=spec.name, num_classes=spec.num_classes, model=opts.model or p.model,
                        model_overrides=overrides, method=method, pretrained=opts.pretrained,
                        steps=opts.steps or p.steps, batch_size=p.batch_size, lr=p.lr,
-                       crop_size=p.crop_size, scale_range=p.scale_range, seed=opts.seed,
+                       crop_size=crop, scale_range=p.scale_range, seed=opts.seed,
                        optimizer=p.optimizer, weight_decay=p.weight_decay, **over)
 
 
@@ -190,7 +198,13 @@ def checkpoint_groups(method: MethodSpec, ops: list[dict]) -> list[list[dict]]:
 
 def _settings(spec: datasets.DatasetSpec, opts: RunOptions) -> EvalSettings:
     p = spec.preset
-    return EvalSettings(p.eval_mode, p.window, p.stride, opts.batch_size, opts.device, p.resize_short,
+    window, stride = p.window, p.stride
+    if opts.weights is not None and p.eval_mode == "slide":  # an imported model at its own grid
+        from bench.loading import native_window
+
+        window, stride = native_window(opts.weights, opts.weights_format, opts.model or p.model,
+                                       opts.decoder or p.decoder, window, stride)
+    return EvalSettings(p.eval_mode, window, stride, opts.batch_size, opts.device, p.resize_short,
                         precision=opts.precision, compile=opts.compile, compile_backend=opts.compile_backend)
 
 
