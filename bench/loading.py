@@ -194,7 +194,8 @@ def _rstrudel(imported: Imported, base: Optional[ModelConfig] = None) -> Checkpo
 
 def _mmseg(imported: Imported, base: Optional[ModelConfig] = None) -> CheckpointConfig:
     path, s = imported.path, imported.shape
-    text = (imported.meta or {}).get("cfg")
+    meta = imported.meta or {}
+    text = meta.get("cfg", meta.get("config"))  # mmseg 1.x: cfg; 0.x (the 2022 releases): config
     if not isinstance(text, str):
         config = _shape_from_tensors(imported, MMSEG_NUMERICS, base)
         return CheckpointConfig(config, s["num_classes"], "presets (no meta.cfg in the file)")
@@ -227,10 +228,10 @@ def _mmseg(imported: Imported, base: Optional[ModelConfig] = None) -> Checkpoint
     head_eps = (head.get("norm_cfg") or {}).get("eps")
     if head_eps is not None:
         numerics.update(eps_decoder=head_eps, eps_decoder_norms=head_eps)
-    pre = model.get("data_preprocessor") or cfg.get("data_preprocessor") or {}
+    pre = model.get("data_preprocessor") or cfg.get("data_preprocessor") or cfg.get("img_norm_cfg") or {}
     mean = tuple(v / 255 for v in pre.get("mean", (127.5,) * 3))
     std = tuple(v / 255 for v in pre.get("std", (127.5,) * 3))
-    if not pre.get("bgr_to_rgb", True):
+    if not pre.get("bgr_to_rgb", pre.get("to_rgb", True)):
         _fail(path, "meta.cfg data_preprocessor has bgr_to_rgb False; bench feeds RGB images")
     config = ModelConfig(
         patch_size=backbone.get("patch_size", 16), embed_dim=dim,

@@ -253,3 +253,27 @@ def test_tome_on_timm_equals_the_reference(run):
     if P:
         unmerge = torch.cat([torch.zeros(2, 1, dtype=torch.long), unmerge], 1)
     assert torch.equal(unmerge, ref["unmerge_index"])
+
+
+# ---------------------------------------------------------------- bench's own models keep their numerics
+
+def test_bench_defaults_are_unchanged_and_hash_as_before():
+    """A model bench trains keeps its numerics, and its config hash (the stored
+    synthetic baseline's) holds, with the numerics left out or given at their defaults."""
+    from dataclasses import replace
+
+    from bench import datasets
+    from bench.runspec import RunOptions, train_config
+    from methods.segmenter import DEFAULT_NUMERICS, build_model
+
+    model = build_model(5, "tiny", decoder="mask")
+    eps = {name: m.eps for name, m in model.named_modules() if isinstance(m, torch.nn.LayerNorm)}
+    assert eps["blocks.0.norm1"] == 1e-6 and eps["norm"] == 1e-5
+    assert eps["decoder.blocks.0.norm2"] == 1e-6 and eps["decoder.mask_norm"] == eps["decoder.decoder_norm"] == 1e-5
+    base = train_config(RunOptions(), datasets.get_spec("synthetic"))
+    assert base.hash() == "507ac65522a9"  # results/synthetic.jsonl's baseline
+    explicit = replace(base, model_overrides={**base.model_overrides, **DEFAULT_NUMERICS,
+                                              "mean": [0.5] * 3, "dist_token": False, "patch_bias": True})
+    assert explicit.hash() == base.hash()
+    other = replace(base, model_overrides={**base.model_overrides, "eps_norm": 1e-6})
+    assert other.hash() != base.hash() and other.to_dict()["model_overrides"]["eps_norm"] == 1e-6
