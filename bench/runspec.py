@@ -161,12 +161,12 @@ def _model_depth(cfg: TrainConfig) -> int:
     return _model_config(cfg).depth
 
 
-def eval_tokens(spec: datasets.DatasetSpec, patch_size: int, val) -> int:
-    """Tokens per forward at evaluation: a window's (sliding windows), or the first
-    validation image's after the dataset's resize (whole images)."""
+def eval_tokens(spec: datasets.DatasetSpec, patch_size: int, val, window: Optional[int] = None) -> int:
+    """Tokens per forward at evaluation: a window's (sliding windows; ``window``, default
+    the preset's), or the first validation image's after the dataset's resize (whole images)."""
     p = spec.preset
     if p.eval_mode == "slide":
-        return (-(-p.window // patch_size)) ** 2
+        return (-(-(window or p.window) // patch_size)) ** 2
     H, W = val[0][0].shape[-2:]
     if p.resize_short:
         f = p.resize_short / min(H, W)
@@ -183,7 +183,7 @@ def operating_points(opts: RunOptions, method: MethodSpec, spec: datasets.Datase
         return list(method.default_ops)
     config = _model_config(train_config(opts, spec))
     val = val if val is not None else datasets.open_dataset(opts.dataset, spec.preset.val_split, opts.data_root)
-    return method.sweep(config.depth, eval_tokens(spec, config.patch_size, val))
+    return method.sweep(config.depth, eval_tokens(spec, config.patch_size, val, _settings(spec, opts).window))
 
 
 def checkpoint_groups(method: MethodSpec, ops: list[dict]) -> list[list[dict]]:

@@ -277,3 +277,17 @@ def test_bench_defaults_are_unchanged_and_hash_as_before():
     assert explicit.hash() == base.hash()
     other = replace(base, model_overrides={**base.model_overrides, "eps_norm": 1e-6})
     assert other.hash() != base.hash() and other.to_dict()["model_overrides"]["eps_norm"] == 1e-6
+
+
+@needs_fixtures
+def test_imported_models_run_at_their_own_grid():
+    """--weights: the file's trained size becomes the model's grid and the sliding window
+    (none stated in these configurations), with its numerics, not the preset's."""
+    from bench.loading import native_window, preset_overrides
+
+    path = REFERENCE / "mmseg-1.1/mask/checkpoint.pth"
+    assert native_window(path, None, "vit_tiny", None, 512, 512) == (128, 128)
+    over = preset_overrides(path, None, "vit_tiny")
+    assert over["img_size"] == 128 and over["eps_norm"] == 1e-6 and over["pos_resize"] == "bicubic"
+    assert "dist_token" not in over and "patch_bias" not in over  # as the preset's
+    assert preset_overrides(REFERENCE / "mmseg-1.2/mask/checkpoint.pth", None, "vit_tiny")["patch_bias"] is False
