@@ -14,6 +14,15 @@ it; every block computes it) and the decoder sees the grid only. The ``vit_*`` p
 CPU model, and every stored checkpoint and record of it, predate the option; a token
 with no grid position buys nothing there). ImageNet weights (``--pretrained``) load the
 class token and its position embedding when the model has one, and drop them otherwise.
+
+A DeiT-distilled encoder (``dist_token``, rstrudel's Seg-B†) has a second prefix token
+after the class token: P = 2, handled by the encoder loop exactly as the class token.
+
+Numerics (``NUMERICS``): LayerNorm eps per module group, how the position embedding is
+resized, and the input normalisation. The defaults are bench's own, which every model
+bench trains keeps; checkpoints of other code bring their reference's
+(``bench.loading``). A config names them only where they differ from the defaults
+(``config_dict``, ``TrainConfig.to_dict``), so no stored hash changes.
 """
 from __future__ import annotations
 
@@ -44,7 +53,7 @@ class ModelConfig:
     drop_path: float = 0.1
     timm_name: Optional[str] = None  # where ImageNet weights come from (--pretrained)
     class_token: bool = False  # ViT's class token through the encoder (Segmenter's); see the module notes
-    dist_token: bool = False  # DeiT's distillation token after the class token (Seg-B\u2020); needs class_token
+    dist_token: bool = False  # DeiT's distillation token after the class token (Seg-B†); needs class_token
     patch_bias: bool = True  # the patch embedding's bias (mmseg >= 1.2 trains without one)
     # numerics (NUMERICS): bench's own defaults; imported checkpoints set their reference's
     eps_blocks: float = 1e-6  # LayerNorm eps of the encoder blocks (timm's)
