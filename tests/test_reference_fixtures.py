@@ -291,3 +291,34 @@ def test_imported_models_run_at_their_own_grid():
     assert over["img_size"] == 128 and over["eps_norm"] == 1e-6 and over["pos_resize"] == "bicubic"
     assert "dist_token" not in over and "patch_bias" not in over  # as the preset's
     assert preset_overrides(REFERENCE / "mmseg-1.2/mask/checkpoint.pth", None, "vit_tiny")["patch_bias"] is False
+
+
+@needs_fixtures
+@pytest.mark.parametrize("case", ["mmseg-1.2/mask", "segmenter/mask_distilled"])
+def test_reference_checkpoints_run_through_every_method(case):
+    """mmseg >= 1.2 (no patch bias) and the DeiT-distilled encoder under every policy:
+    finite logits at input size; a policy that drops nothing gives the reference's logits."""
+    import bench
+    from methods.algm import ALGMPolicy
+    from methods.early_exit import EarlyExitModel, EarlyExitPolicy
+    from methods.paumer import PaumerModel, PaumerPolicy
+    from methods.tome import ToMePolicy
+
+    folder = REFERENCE / case
+    model = bench.load_segmenter(folder / "checkpoint.pth")
+    x, reference = (torch.load(folder / n, weights_only=True) for n in ("input.pt", "logits.pt"))
+    torch.manual_seed(0)
+    paumer, exits = PaumerModel(model).eval(), EarlyExitModel(model).eval()
+    nothing = {"tome r=0": ToMePolicy(2, 0), "algm none": ALGMPolicy(2, 1.01, global_threshold=1.01),
+               "paumer tau=0": PaumerPolicy(paumer.pausing, tau=0.0)}
+    something = {"tome": ToMePolicy(2, 8), "algm": ALGMPolicy(2, -1.0),
+                 "algm reference": ALGMPolicy(2, -1.0, batching="reference"),
+                 "paumer": PaumerPolicy(paumer.pausing, tau=1.0),
+                 "early-exit": EarlyExitPolicy(exits.heads, threshold=0.0, mode="token")}
+    with torch.no_grad():
+        for name, policy in nothing.items():
+            assert (model(x, policy) - reference).abs().max() <= TOLERANCE, name
+        for name, policy in something.items():
+            logits, state = model.forward_state(x, policy)
+            assert logits.shape == reference.shape and torch.isfinite(logits).all(), name
+            assert state.prefix.shape[1] == model.num_prefix_tokens, name
