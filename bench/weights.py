@@ -23,10 +23,11 @@ Three layouts are read, told apart by their key names (``--weights-format`` forc
 Position embeddings are resized, where the model's grid is not the file's, with the
 model's ``pos_resize`` (the prefix tokens' rows kept as they are). DeiT-distilled
 encoders (``dist_token``) and mmseg >= 1.2's patch embedding without a bias are read
-too; the file's own configuration (shape and numerics) is read by ``bench.loading``. The model's shape (width, depth, patch, decoder and its layers,
-classes) is read from the tensors and compared with the preset; the number of heads is
-not in the weights (Segmenter's are width / 64, as the vit_* presets). Anything that
-does not fit is a one-line error naming the first offending key of the file.
+too. The model's shape (width, depth, patch, decoder and its layers, classes, prefix
+tokens, patch bias) is read from the tensors and compared with the model's config;
+heads, trained size and numerics come from the file's own configuration
+(``bench.loading``). Anything that does not fit is a one-line error naming the first
+offending key of the file.
 
 The imported weights are named, as any checkpoint, by the content hash of the model's
 state dict after loading (``bench.train.weights_hash``): records carry it as their
@@ -42,6 +43,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+
 from bench.errors import BenchError
 from methods.segmenter import resize_pos_embed
 
