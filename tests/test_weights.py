@@ -302,3 +302,20 @@ def test_weights_take_shape_numerics_and_grid_from_the_files_configuration(tmp_p
     assert config.mean == (0.485, 0.456, 0.406) and cfg.crop_size == 48
     plain = train_config(RunOptions(dataset="toy"), dataset_spec(RunOptions(dataset="toy")))
     assert "eps_blocks" not in plain.model_overrides and cfg.hash() != plain.hash()
+
+
+def test_load_segmenter_builds_a_bench_checkpoint_from_its_own_config(tmp_path, capsys):
+    import bench
+
+    source = tiny("mask")
+    payload = as_bench(source)
+    overrides = {k: v for k, v in SHAPE.items() if k != "class_token"}
+    payload["config"] = {"model": "tiny", "model_overrides": {**overrides, "decoder": "mask", "decoder_layers": 2},
+                         "class_token": True, "num_classes": 5, "hash": "x"}
+    torch.save(payload, tmp_path / "w.pt")
+    model = bench.load_segmenter(tmp_path / "w.pt")
+    assert not model.training and model.config == source.config
+    images = torch.randn(1, 3, 32, 48)
+    with torch.no_grad():
+        assert torch.equal(model(images), source(images))
+    assert "bench config" in capsys.readouterr().err
