@@ -171,7 +171,8 @@ def predict(model, policy, images: Tensor, settings: EvalSettings, *, scale: flo
     multiple of the patch size (and to the window where smaller) and logits cropped back.
     """
     B, _, H, W = images.shape
-    x = normalize(images.to(settings.device))
+    config = getattr(model, "config", None)  # the model's own input statistics (imported ones differ)
+    x = normalize(images.to(settings.device), getattr(config, "mean", None), getattr(config, "std", None))
     if settings.resize_short:  # the dataset's resize rule, then the static scale, in one resampling
         f = scale * settings.resize_short / min(H, W)
         size = (max(1, round(H * f)), max(1, round(W * f)))

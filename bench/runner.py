@@ -34,6 +34,7 @@ from bench.datasets.fingerprint import fingerprint
 from bench.train import TrainConfig, load_checkpoint, train
 from methods import CONTROL, MethodSpec
 from methods.encoder import Policy
+from methods.segmenter import model_numerics
 
 REPO = Path(__file__).resolve().parent.parent
 PRECISION = "float32"  # the weights' dtype; --precision (RunOptions.precision) is what forwards compute in
@@ -295,6 +296,7 @@ def run(opts: RunOptions) -> list[dict]:
             **({"baseline_source": base_payload["source"]} if "source" in base_payload else {}),
             "model": base_cfg.model,
             "decoder": base_cfg.model_overrides["decoder"],
+            **({"model_numerics": model_numerics(_model_config(base_cfg))} if opts.weights is not None else {}),
             "miou": result["miou"],
             "miou_delta": result["miou"] - base_eval["miou"],
             "baseline_miou": base_eval["miou"],

@@ -101,10 +101,18 @@ def train_config(opts: RunOptions, spec: datasets.DatasetSpec, method: str = "ba
     overrides = {"decoder": opts.decoder or p.decoder}
     if opts.depth is not None:
         overrides["depth"] = opts.depth
+    crop = p.crop_size
+    if opts.weights is not None:  # the file's own model: trained size, tokens, numerics (bench.loading)
+        from bench.loading import read_for_preset, preset_overrides
+
+        overrides.update(preset_overrides(opts.weights, opts.weights_format, opts.model or p.model,
+                                          overrides["decoder"]))
+        crop = read_for_preset(opts.weights, opts.weights_format, opts.model or p.model,
+                               overrides["decoder"])[1].crop or crop
     return TrainConfig(dataset=spec.name, num_classes=spec.num_classes, model=opts.model or p.model,
                        model_overrides=overrides, method=method, pretrained=opts.pretrained,
                        steps=opts.steps or p.steps, batch_size=p.batch_size, lr=p.lr,
-                       crop_size=p.crop_size, scale_range=p.scale_range, seed=opts.seed,
+                       crop_size=crop, scale_range=p.scale_range, seed=opts.seed,
                        optimizer=p.optimizer, weight_decay=p.weight_decay, **over)
 
 
@@ -164,12 +172,12 @@ def _model_depth(cfg: TrainConfig) -> int:
     return _model_config(cfg).depth
 
 
-def eval_tokens(spec: datasets.DatasetSpec, patch_size: int, val) -> int:
-    """Tokens per forward at evaluation: a window's (sliding windows), or the first
-    validation image's after the dataset's resize (whole images)."""
+def eval_tokens(spec: datasets.DatasetSpec, patch_size: int, val, window: Optional[int] = None) -> int:
+    """Tokens per forward at evaluation: a window's (sliding windows; ``window``, default
+    the preset's), or the first validation image's after the dataset's resize (whole images)."""
     p = spec.preset
     if p.eval_mode == "slide":
-        return (-(-p.window // patch_size)) ** 2
+        return (-(-(window or p.window) // patch_size)) ** 2
     H, W = val[0][0].shape[-2:]
     if p.resize_short:
         f = p.resize_short / min(H, W)
@@ -186,7 +194,7 @@ def operating_points(opts: RunOptions, method: MethodSpec, spec: datasets.Datase
         return list(method.default_ops)
     config = _model_config(train_config(opts, spec))
     val = val if val is not None else datasets.open_dataset(opts.dataset, spec.preset.val_split, opts.data_root)
-    return method.sweep(config.depth, eval_tokens(spec, config.patch_size, val))
+    return method.sweep(config.depth, eval_tokens(spec, config.patch_size, val, _settings(spec, opts).window))
 
 
 def checkpoint_groups(method: MethodSpec, ops: list[dict]) -> list[list[dict]]:
@@ -201,7 +209,13 @@ def checkpoint_groups(method: MethodSpec, ops: list[dict]) -> list[list[dict]]:
 
 def _settings(spec: datasets.DatasetSpec, opts: RunOptions) -> EvalSettings:
     p = spec.preset
-    return EvalSettings(p.eval_mode, p.window, p.stride, opts.batch_size, opts.device, p.resize_short,
+    window, stride = p.window, p.stride
+    if opts.weights is not None and p.eval_mode == "slide":  # an imported model at its own grid
+        from bench.loading import native_window
+
+        window, stride = native_window(opts.weights, opts.weights_format, opts.model or p.model,
+                                       opts.decoder or p.decoder, window, stride)
+    return EvalSettings(p.eval_mode, window, stride, opts.batch_size, opts.device, p.resize_short,
                         precision=opts.precision, compile=opts.compile, compile_backend=opts.compile_backend)
 
 

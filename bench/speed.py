@@ -171,12 +171,13 @@ def run_speed(opts: SpeedOptions) -> list[dict]:
     env = environment(opts.device, opts.threads)
     imported = checkpoint = None
     if opts.weights is not None:
-        from bench.weights import read_weights
+        from bench.loading import preset_overrides, read_for_preset
 
-        imported = read_weights(opts.weights, opts.weights_format)
+        imported = read_for_preset(opts.weights, opts.weights_format, opts.model, opts.decoder)[0]
     num_classes = opts.num_classes or (imported.shape["num_classes"] if imported else 19)
-    try:
-        model = build_model(num_classes, opts.model, **({"decoder": opts.decoder} if opts.decoder else {}))
+    try:  # an imported model is built as the file's: trained size, tokens, numerics (bench.loading)
+        own = preset_overrides(opts.weights, opts.weights_format, opts.model, opts.decoder) if imported else {}
+        model = build_model(num_classes, opts.model, **({"decoder": opts.decoder} if opts.decoder else {}), **own)
     except (TypeError, ValueError) as e:
         raise BenchError(str(e)) from None
     if imported is not None:

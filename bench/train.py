@@ -72,7 +72,8 @@ class TrainConfig:
             del d["optimizer"]
         # the model's class token counts only when on (a preset's default included): a model
         # without one hashes as before the option, one with it never loads another's weights
-        d["model_overrides"] = {k: v for k, v in d["model_overrides"].items() if k != "class_token"}
+        d["model_overrides"] = {k: v for k, v in d["model_overrides"].items()
+                                if k != "class_token" and not _is_default_option(k, v)}
         if _has_class_token(self.model, self.model_overrides):
             d["class_token"] = True
         return d
@@ -91,9 +92,28 @@ def _has_class_token(preset: str, overrides: dict) -> bool:
         return bool(overrides.get("class_token"))
 
 
-def normalize(images: Tensor) -> Tensor:
-    """uint8 (B, 3, H, W) -> float, normalised as the ViT expects."""
-    return (images.float() / 255.0 - MEAN) / STD
+def _is_default_option(name: str, value) -> bool:
+    """A model option added after checkpoints were stored, at bench's default (numerics,
+    distillation token, patch bias): left out of the hash, so every stored hash holds."""
+    from methods.segmenter import DEFAULT_NUMERICS
+
+    defaults = {**DEFAULT_NUMERICS, "dist_token": False, "patch_bias": True}
+    if name not in defaults:
+        return False
+    default = defaults[name]
+    return list(value) == list(default) if isinstance(default, tuple) and isinstance(value, (list, tuple)) \
+        else value == default
+
+
+def normalize(images: Tensor, mean=None, std=None) -> Tensor:
+    """uint8 (B, 3, H, W) -> float, normalised as the ViT expects: ``mean`` / ``std`` per
+    RGB channel (a model's ``ModelConfig.mean`` / ``std``); None or bench's 0.5: 0.5."""
+    if mean is None or (tuple(mean) == (MEAN,) * 3 and tuple(std) == (STD,) * 3):
+        return (images.float() / 255.0 - MEAN) / STD  # bench's own, as it always computed
+    shape = (1, -1, 1, 1)
+    mean = torch.tensor(mean, dtype=torch.float32, device=images.device).reshape(shape)
+    std = torch.tensor(std, dtype=torch.float32, device=images.device).reshape(shape)
+    return (images.float() / 255.0 - mean) / std
 
 
 def learning_rate(cfg: TrainConfig, step: int) -> float:
@@ -356,6 +376,9 @@ def train(
             save_checkpoint(path, payload)
         return payload
 
+    # the model's input statistics (an imported DeiT's differ; bench's: 0.5 / 0.5)
+    config = getattr(getattr(model, "segmenter", model), "config", None)
+    input_stats = (getattr(config, "mean", None), getattr(config, "std", None))
     t0 = time.perf_counter()
     completed, stepping = start, False
     if log_path(path).is_dir():
@@ -370,7 +393,8 @@ def train(
                 group["lr"] = learning_rate(cfg, step)
             if world > 1:  # this process's share of the global batch
                 images, labels = images[rank::world], labels[rank::world]
-            images, labels = normalize(images.to(device, non_blocking=True)), labels.to(device, non_blocking=True)
+            images = normalize(images.to(device, non_blocking=True), *input_stats)
+            labels = labels.to(device, non_blocking=True)
             loss = forward(images, labels)
             value = loss.item()
             if world > 1:  # the mean over processes: what is shown, and every rank stops together

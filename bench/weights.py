@@ -20,11 +20,14 @@ Three layouts are read, told apart by their key names (``--weights-format`` forc
   ``W^T`` is our ``x @ proj`` matrix; the base head's ``conv_seg`` is unused) or the
   linear FCNHead with ``num_convs=0`` (``conv_seg``, a 1x1 conv: our ``decoder.head``).
 
-Position embeddings are resized to the preset's grid as timm does (bicubic, the class
-token's kept as it is). The model's shape (width, depth, patch, decoder and its layers,
-classes) is read from the tensors and compared with the preset; the number of heads is
-not in the weights (Segmenter's are width / 64, as the vit_* presets). Anything that
-does not fit is a one-line error naming the first offending key of the file.
+Position embeddings are resized, where the model's grid is not the file's, with the
+model's ``pos_resize`` (the prefix tokens' rows kept as they are). DeiT-distilled
+encoders (``dist_token``) and mmseg >= 1.2's patch embedding without a bias are read
+too. The model's shape (width, depth, patch, decoder and its layers, classes, prefix
+tokens, patch bias) is read from the tensors and compared with the model's config;
+heads, trained size and numerics come from the file's own configuration
+(``bench.loading``). Anything that does not fit is a one-line error naming the first
+offending key of the file.
 
 The imported weights are named, as any checkpoint, by the content hash of the model's
 state dict after loading (``bench.train.weights_hash``): records carry it as their
@@ -40,15 +43,15 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from timm.layers import resample_abs_pos_embed
 
 from bench.errors import BenchError
+from methods.segmenter import resize_pos_embed
 
 FORMATS = ("bench", "segmenter", "mmseg")
 
 # keys a layout stores that the model does not use
 _UNUSED = {
-    "segmenter": re.compile(r"encoder\.head\.(weight|bias)"),  # ViT's ImageNet classifier
+    "segmenter": re.compile(r"encoder\.head(_dist)?\.(weight|bias)"),  # ViT's (DeiT's two) ImageNet classifiers
     "mmseg": re.compile(r"decode_head\.conv_seg\.(weight|bias)"),  # the mask head's base-class conv, never run
 }
 
@@ -84,6 +87,7 @@ class Imported:
     source: dict
     sha256: str
     shape: dict = field(default_factory=dict)  # read from the tensors (``infer_shape``)
+    meta: Optional[dict] = None  # the file's own configuration: mmseg's ``meta``, bench's ``config``
 
     def describe(self, released: Optional[str] = None) -> dict:
         """What records store as ``baseline_source``."""
@@ -186,13 +190,15 @@ def infer_shape(state: dict, source: dict, path="weights") -> dict:
         shape.update(decoder="mask", decoder_layers=layers, num_classes=cls_emb.shape[1] if cls_emb.dim() == 3 else -1)
     else:
         _fail(path, "has no decoder weights (expected a linear head or a mask transformer's class embeddings)")
+    if "dist_token" in state and "cls_token" not in state:
+        _fail(path, f"{source['dist_token']} without a class token; expected DeiT's [class, distillation] tokens")
     pos = get("pos_embed")
-    prefix = 1 if "cls_token" in state else 0
+    prefix = int("cls_token" in state) + int("dist_token" in state)
     cells = pos.shape[1] - prefix if pos.dim() == 3 else -1
     side = math.isqrt(max(cells, 0))
     if pos.dim() != 3 or pos.shape[-1] != dim or side * side != cells:
         _fail(path, f"{source['pos_embed']} has shape {tuple(pos.shape)}, expected (1, {prefix} + a square grid, {dim})")
-    shape.update(grid=side, prefix=prefix)
+    shape.update(grid=side, prefix=prefix, patch_bias="patch_embed.proj.bias" in state)
     return shape
 
 
@@ -220,9 +226,11 @@ def read_weights(path, fmt: Optional[str] = None) -> Imported:
     if fmt == "bench":
         checkpoint = load_checkpoint(path)  # refuses weights changed after bench wrote them
         state, source = dict(checkpoint["model"]), {k: k for k in checkpoint["model"]}
+        meta = checkpoint.get("config")
     else:
         state, source = convert(_state_of(payload, fmt, path), fmt, path)
-    imported = Imported(path, fmt, state, source, file_sha256(path))
+        meta = payload.get("meta") if fmt == "mmseg" and isinstance(payload.get("meta"), dict) else None
+    imported = Imported(path, fmt, state, source, file_sha256(path), meta=meta)
     imported.shape = infer_shape(state, source, path)
     return imported
 
@@ -244,7 +252,10 @@ def check_fits(imported: Imported, config, preset: str, num_classes: int, datase
         ((f"blocks.{c.depth if s['depth'] > c.depth else s['depth'] - 1}.norm1.weight",), "encoder blocks",
          s["depth"], c.depth),
         (("decoder.head.weight", "decoder.cls_emb"), "decoder", s["decoder"], c.decoder),
-        (("cls_token", "pos_embed"), "class token", bool(s["prefix"]), bool(getattr(c, "class_token", False))),
+        (("cls_token", "pos_embed"), "class token", "cls_token" in imported.state, bool(c.class_token)),
+        (("dist_token", "pos_embed"), "distillation token", "dist_token" in imported.state,
+         bool(getattr(c, "dist_token", False))),
+        (("patch_embed.proj.weight",), "patch-embedding bias", s["patch_bias"], getattr(c, "patch_bias", True)),
     ]
     if s["decoder"] == "mask" and c.decoder == "mask":
         layer = c.decoder_layers if s["decoder_layers"] > c.decoder_layers else s["decoder_layers"] - 1
@@ -266,10 +277,10 @@ def load_into(model, imported: Imported, *, preset: str = "?", num_classes: Opti
     state = dict(imported.state)
     pos = state["pos_embed"]
     prefix = imported.shape["prefix"]
-    if list(pos.shape) != list(model.pos_embed.shape):
+    if list(pos.shape) != list(model.pos_embed.shape):  # a grid other than the file's: said by the caller
         side = imported.shape["grid"]
-        state["pos_embed"] = resample_abs_pos_embed(pos.float(), list(model.base_grid), [side, side],
-                                                    num_prefix_tokens=prefix).to(pos.dtype)
+        state["pos_embed"] = resize_pos_embed(pos.float(), model.base_grid, (side, side), prefix,
+                                              model.config.pos_resize).to(pos.dtype)
     ours = model.state_dict()
     for name, value in state.items():
         if name not in ours:

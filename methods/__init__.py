@@ -154,11 +154,12 @@ METHODS: dict[str, MethodSpec] = {
         knob_types={"threshold": float, "layers": [int], "global_threshold": float, "batching": str,
                     "unmerge": str},
         swept="threshold",
-        knob_choices={"batching": BATCHINGS, "unmerge": tome.UNMERGE},
+        knob_choices={"batching": algm.BATCHINGS, "unmerge": tome.UNMERGE},
         knob_help={"threshold": "a 2x2 window merges when its tokens' mean cosine similarity is at least this",
                    "layers": "the local-merge layer, then the global-merge layer(s)",
                    "global_threshold": "a fixed similarity for the global merge (default: adaptive, mean + std / layer)",
-                   "batching": "how a ragged batch runs (default pad)",
+                   "batching": "how a ragged batch runs (default pad); reference: the batch's smallest merge "
+                               "count and batch-averaged statistics, as ALGM's code",
                    "unmerge": "copy merged tokens back to their patches before or after the decoder (default after)"},
     ),
     "early-exit": MethodSpec(

@@ -21,11 +21,18 @@ Training-free: it runs on the baseline's weights.
 
 Differences from the reference, all because of how our harness batches:
  - the reference takes the *smallest* merge count over the batch (and the global
-   threshold's statistics over the batch) so that shapes stay fixed; here every image
-   merges its own count (the reference at batch size 1) and batches become ragged, run
-   with padding or packed like the other adaptive methods (``batching``);
+   threshold's mean and std averaged over the batch) so that shapes stay fixed; by
+   default every image merges its own count (the reference at batch size 1) and batches
+   become ragged, run with padding or packed like the other adaptive methods
+   (``batching``). ``batching="reference"`` does what the reference does: every image of
+   a batch merges the batch's smallest count, its most similar windows / A tokens, with
+   the global threshold from the batch-averaged statistics (``*_reference`` plans);
  - a model without a class token (``tiny``) has its global statistics over every A
-   token (the reference skips row 0, its class token);
+   token (the reference cannot run without one: its local merge always sets row 0
+   apart, and its statistics skip that row);
+ - a distillation token (``ModelConfig.dist_token``) is held apart from the matching
+   (which sees the class token and the grid rows) and keeps its row: it never merges and
+   nothing merges into it (the reference's local merge cannot run with one);
  - grids with an odd side keep the last row / column out of the windows (the reference
    refuses them).
 
@@ -35,9 +42,10 @@ rows, the class token being row 0 of set A, never merged and left out of the
 statistics, and the unmerged A rows keep their order (so it stays row 0). It takes part
 in every attention, in no merge, and the decoder never sees it.
 
-Default layers: the reference uses layers 1 and 5 of 12. Local merging stays in layer 1;
-the global layer keeps the share of blocks before it: 1 + round(4 * depth / 12), i.e.
-layer 3 of our 6-block ``tiny``, and its threshold divides the std by that layer number.
+Default layers: the reference's, layers 1 and 5 of 12 and 1 and 7 of 24 (Seg-L). For
+other depths local merging stays in layer 1 and the global layer keeps the share of
+blocks before it of the 12-block case: 1 + round(4 * depth / 12), i.e. layer 3 of our
+6-block ``tiny``; its threshold divides the std by that layer number.
 """
 from __future__ import annotations
 
@@ -47,7 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from methods.encoder import Policy, TokenState, check_batching
+from methods.encoder import Policy, TokenState
 
 WINDOW = 2  # the reference's merging window, 2 x 2
 UNMERGE = ("before", "after")
@@ -56,8 +64,15 @@ UNMERGE = ("before", "after")
 DEFAULT_THRESHOLDS = (1.01, 0.98, 0.95, 0.9, 0.88, 0.85, 0.8, 0.7, 0.5, 0.3, 0.0, -1.0)
 
 
+REFERENCE_LAYERS = {12: [1, 5], 24: [1, 7]}  # the reference's selected_layers for ViT-T/S/B and ViT-L
+BATCHINGS = ("pad", "packed", "reference")
+
+
 def default_layers(depth: int) -> list[int]:
-    """The reference's layers 1 and 5 of 12, scaled to ``depth`` blocks: [1, 1 + round(4 depth / 12)]."""
+    """The reference's layers for 12 and 24 blocks; otherwise layers 1 and 5 of 12 scaled
+    to ``depth`` blocks: [1, 1 + round(4 depth / 12)]."""
+    if depth in REFERENCE_LAYERS:
+        return list(REFERENCE_LAYERS[depth])
     return [1, max(2, 1 + round(4 * depth / 12))] if depth >= 2 else [1]
 
 
@@ -111,6 +126,55 @@ def local_merge_plan(x: Tensor, grid: tuple[int, int], threshold: float) -> tupl
     dest = torch.where(token_merged, rank[:, window.clamp(min=0)], r[:, None] + unmerged_rank)
     assert W == wh * ww
     return dest, N - (WINDOW**2 - 1) * r
+
+
+def local_merge_plan_reference(x: Tensor, grid: tuple[int, int], threshold: float) -> tuple[Tensor, Tensor]:
+    """``local_merge_plan`` as the reference batches it: every image merges its ``r``
+    most similar windows, r the smallest count over the batch of windows with
+    ``window_similarity >= threshold``. Same outputs; every image keeps the same rows."""
+    B, N, _ = x.shape
+    gh, gw = grid
+    sim = window_similarity(windows_of(x, grid))  # (B, W)
+    r = (sim >= threshold).sum(1).min()
+    rank = sim.argsort(dim=1, descending=True, stable=True).argsort(1)  # 0 = most similar window
+    merged = rank < r
+    wh, ww = gh // WINDOW, gw // WINDOW
+    rows, cols = torch.arange(gh, device=x.device), torch.arange(gw, device=x.device)
+    inside = (rows[:, None] < wh * WINDOW) & (cols[None, :] < ww * WINDOW)
+    window = torch.where(inside, (rows[:, None] // WINDOW) * ww + cols[None, :] // WINDOW, -1).reshape(N)
+    token_merged = merged[:, window.clamp(min=0)] & (window >= 0)
+    unmerged_rank = (~token_merged).long().cumsum(1) - 1
+    dest = torch.where(token_merged, rank[:, window.clamp(min=0)], r + unmerged_rank)
+    return dest, (N - (WINDOW**2 - 1) * r).expand(B).clone()
+
+
+def global_merge_plan_reference(x: Tensor, layer: int, threshold: Optional[float] = None,
+                                protect_cls: bool = False) -> tuple[Tensor, Tensor]:
+    """``global_merge_plan`` as the reference batches it (``turbo_matching``), on a batch
+    whose images have the same rows: the threshold is the batch mean of the images' means
+    plus the batch mean of their (unbiased) stds over ``layer``; every image merges its
+    ``r`` A tokens with the most similar matches, r the smallest count over the batch of
+    A tokens at or above the threshold. ``protect_cls``: row 0, a class token, never
+    merges and is left out of the statistics."""
+    B, n, _ = x.shape
+    best, match = bipartite_scores(x).max(-1)  # (B, |A|)
+    if protect_cls:
+        best = best.clone()
+        best[:, 0] = float("-inf")
+    stats = best[:, 1:] if protect_cls else best
+    if threshold is None:
+        cut = stats.mean(1).mean() + stats.std(1).mean() / layer if stats.shape[1] > 1 else best.new_tensor(float("inf"))
+    else:
+        cut = best.new_tensor(float(threshold))
+    r = (best >= cut).sum(1).min()
+    rank = best.argsort(dim=1, descending=True, stable=True).argsort(1)
+    merges = rank < r
+    kept_a = best.shape[1] - r
+    kept_row = (~merges).long().cumsum(1) - 1 if protect_cls else rank - r
+    dest = torch.empty(B, n, dtype=torch.long, device=x.device)
+    dest[:, ::2] = torch.where(merges, kept_a + match, kept_row)
+    dest[:, 1::2] = kept_a + torch.arange(n // 2, device=x.device)
+    return dest, (n - r).expand(B).clone()
 
 
 def bipartite_scores(metric: Tensor) -> Tensor:
@@ -212,6 +276,13 @@ def mlp_residual(block: nn.Module, x: Tensor, valid: Optional[Tensor], batching:
     return result
 
 
+def _with_lead(valid: Optional[Tensor], lead: int) -> Optional[Tensor]:
+    """``valid`` (B, n) with ``lead`` real rows (the class token) first."""
+    if valid is None or not lead:
+        return valid
+    return torch.cat([valid.new_ones(valid.shape[0], lead), valid], 1)
+
+
 class ALGMPolicy(Policy):
     """Local merging in ``layers[0]``, global merging in every later layer of ``layers``."""
 
@@ -230,7 +301,9 @@ class ALGMPolicy(Policy):
             raise ValueError(f"global_threshold must be a number or None, got {global_threshold!r}")
         self.layers = check_layers(default_layers(depth) if layers is None else layers, depth)
         self.threshold, self.global_threshold = float(threshold), global_threshold
-        self.batching, self.unmerge = check_batching(batching), unmerge
+        if batching not in BATCHINGS:
+            raise ValueError(f"unknown batching {batching!r}; expected one of {', '.join(BATCHINGS)}")
+        self.batching, self.unmerge = batching, unmerge
 
     def describe(self) -> dict:
         return {"threshold": self.threshold, "layers": self.layers, "global_threshold": self.global_threshold,
@@ -243,28 +316,38 @@ class ALGMPolicy(Policy):
         counts = state.counts()
         x = attention_residual(block, state.joined(), state.joined_valid(), self.batching)
         local = layer == self.layers[0]
+        reference = self.batching == "reference"
         # rows of x before the grid's: local merging sees the grid only, global matching the
-        # class token too, as row 0, never merged (both as the reference)
-        lead = 0 if local else state.num_prefix
+        # class token too, as row 0, never merged (both as the reference); further prefix
+        # rows (a distillation token) are held out of the matching and keep their rows
+        lead = 0 if local else min(state.num_prefix, 1)
+        held = None
         if local:  # nothing merged before: rows are the grid, in order
             x = state.split(x)
-            dest, kept = local_merge_plan(x, state.grid, self.threshold)
+            plan = local_merge_plan_reference if reference else local_merge_plan
+            dest, kept = plan(x, state.grid, self.threshold)
             gh, gw = state.grid
             decide = ("algm_local", (gh // WINDOW) * (gw // WINDOW))
         else:
-            dest, kept = global_merge_plan(x, state.joined_valid(), layer, self.global_threshold, protect_cls=lead > 0)
+            if state.num_prefix > 1:
+                held, x = x[:, 1:state.num_prefix], torch.cat([x[:, :1], x[:, state.num_prefix:]], 1)
+            if reference:
+                dest, kept = global_merge_plan_reference(x, layer, self.global_threshold, protect_cls=lead > 0)
+            else:
+                dest, kept = global_merge_plan(x, _with_lead(state.valid, lead), layer, self.global_threshold,
+                                               protect_cls=lead > 0)
             decide = ("algm_global",)
         if bool((kept != counts.to(kept.device) + lead).any()):  # no merge anywhere: rows keep their order
             size = state.size
             if size is not None and lead:
                 size = torch.cat([size.new_ones(size.shape[0], lead), size], 1)
-            valid = state.valid if local else state.joined_valid()
+            valid = state.valid if local else _with_lead(state.valid, lead)
             x, size, valid = merge_rows(x, dest, size, valid, kept)
             # ALGM parks nothing: every position has a row
             state.source = dest.gather(1, state.source + lead) - lead
             state.size, state.valid = size[:, lead:], None if valid is None else valid[:, lead:]
         if not local:
-            x = state.split(x)
+            x = state.split(x if held is None else torch.cat([x[:, :1], held, x[:, 1:]], 1))
         state.x = state.split(mlp_residual(block, state.joined(x), state.joined_valid(), self.batching))
         state.trace.add(("algm_attention",), state.block_counts(counts))
         state.trace.add(decide, counts + lead)  # local: priced by its windows, whatever the count

@@ -14,16 +14,26 @@ it; every block computes it) and the decoder sees the grid only. The ``vit_*`` p
 CPU model, and every stored checkpoint and record of it, predate the option; a token
 with no grid position buys nothing there). ImageNet weights (``--pretrained``) load the
 class token and its position embedding when the model has one, and drop them otherwise.
+
+A DeiT-distilled encoder (``dist_token``, rstrudel's Seg-B†) has a second prefix token
+after the class token: P = 2, handled by the encoder loop exactly as the class token.
+
+Numerics (``NUMERICS``): LayerNorm eps per module group, how the position embedding is
+resized, and the input normalisation. The defaults are bench's own, which every model
+bench trains keeps; checkpoints of other code bring their reference's
+(``bench.loading``). A config names them only where they differ from the defaults
+(``config_dict``, ``TrainConfig.to_dict``), so no stored hash changes.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
+from functools import partial
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from timm.layers import PatchEmbed, resample_abs_pos_embed, trunc_normal_
+from timm.layers import LayerNorm, PatchEmbed, resample_abs_pos_embed, trunc_normal_
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
@@ -43,10 +53,54 @@ class ModelConfig:
     drop_path: float = 0.1
     timm_name: Optional[str] = None  # where ImageNet weights come from (--pretrained)
     class_token: bool = False  # ViT's class token through the encoder (Segmenter's); see the module notes
+    dist_token: bool = False  # DeiT's distillation token after the class token (Seg-B†); needs class_token
+    patch_bias: bool = True  # the patch embedding's bias (mmseg >= 1.2 trains without one)
+    # numerics (NUMERICS): bench's own defaults; imported checkpoints set their reference's
+    eps_blocks: float = 1e-6  # LayerNorm eps of the encoder blocks (timm's)
+    eps_norm: float = 1e-5  # the encoder's final norm
+    eps_decoder: float = 1e-6  # the mask decoder's blocks
+    eps_decoder_norms: float = 1e-5  # the mask decoder's decoder_norm and mask_norm
+    pos_resize: str = "bicubic_antialias"  # how position embeddings follow the input grid (POS_RESIZES)
+    mean: tuple = (0.5, 0.5, 0.5)  # input normalisation: (image / 255 - mean) / std, per RGB channel
+    std: tuple = (0.5, 0.5, 0.5)
 
     @property
     def num_prefix_tokens(self) -> int:
-        return int(self.class_token)
+        return int(self.class_token) + int(self.dist_token)
+
+
+# timm's bicubic with antialias (bench's default), rstrudel's bilinear, mmseg's bicubic (both without antialias)
+POS_RESIZES = ("bicubic_antialias", "bicubic", "bilinear")
+# the ModelConfig fields that say how the network computes, not its shape
+NUMERICS = ("eps_blocks", "eps_norm", "eps_decoder", "eps_decoder_norms", "pos_resize", "mean", "std")
+DEFAULT_NUMERICS = {f.name: f.default for f in fields(ModelConfig) if f.name in NUMERICS}
+
+
+def model_numerics(config: ModelConfig) -> dict:
+    """What records of an imported model store as ``model_numerics``."""
+    return {"ln_eps": {"encoder_blocks": config.eps_blocks, "encoder_norm": config.eps_norm,
+                       "decoder_blocks": config.eps_decoder, "decoder_norms": config.eps_decoder_norms},
+            "pos_resize": config.pos_resize, "mean": list(config.mean), "std": list(config.std)}
+
+
+def non_default_numerics(config: ModelConfig) -> dict:
+    """The numerics of ``config`` that differ from bench's defaults (what hashes name)."""
+    return {k: getattr(config, k) for k in NUMERICS if getattr(config, k) != DEFAULT_NUMERICS[k]}
+
+
+def resize_pos_embed(pos: Tensor, new_grid, old_grid, prefix: int, mode: str = "bicubic_antialias") -> Tensor:
+    """Position embeddings (1, P + gh * gw, D) on ``old_grid`` -> on ``new_grid``; the P
+    prefix rows are kept as they are. ``mode``: one of POS_RESIZES."""
+    if mode == "bicubic_antialias":  # timm's, exactly as bench always did
+        return resample_abs_pos_embed(pos, list(new_grid), list(old_grid), num_prefix_tokens=prefix)
+    if mode not in POS_RESIZES:
+        raise ValueError(f"unknown pos_resize {mode!r}; expected one of {', '.join(POS_RESIZES)}")
+    head, grid = pos[:, :prefix], pos[:, prefix:]
+    D = grid.shape[-1]
+    grid = grid.reshape(1, *old_grid, D).permute(0, 3, 1, 2).float()
+    grid = F.interpolate(grid, size=tuple(new_grid), mode=mode, align_corners=False)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, -1, D).to(pos.dtype)
+    return torch.cat([head, grid], 1)
 
 
 # Presets are data. `tiny` is our CPU model for `synthetic` (see README: 6 blocks of
@@ -97,7 +151,8 @@ class MaskTransformer(nn.Module):
     """Segmenter's mask transformer: class embeddings decoded jointly with the patches;
     masks are scalar products of L2-normalised patch and class features."""
 
-    def __init__(self, dim: int, num_classes: int, layers: int, drop_path: float = 0.0):
+    def __init__(self, dim: int, num_classes: int, layers: int, drop_path: float = 0.0,
+                 eps_blocks: float = 1e-6, eps_norms: float = 1e-5):
         super().__init__()
         d_model = dim
         self.num_classes = num_classes
@@ -105,14 +160,15 @@ class MaskTransformer(nn.Module):
         self.cls_emb = nn.Parameter(torch.zeros(1, num_classes, d_model))
         heads = max(1, d_model // 64)
         self.blocks = nn.ModuleList(
-            Block(d_model, heads, 4.0, qkv_bias=True, drop_path=drop_path * i / max(layers - 1, 1))
+            Block(d_model, heads, 4.0, qkv_bias=True, drop_path=drop_path * i / max(layers - 1, 1),
+                  norm_layer=partial(LayerNorm, eps=eps_blocks))
             for i in range(layers)
         )
         scale = d_model**-0.5
         self.proj_patch = nn.Parameter(scale * torch.randn(d_model, d_model))
         self.proj_classes = nn.Parameter(scale * torch.randn(d_model, d_model))
-        self.decoder_norm = nn.LayerNorm(d_model)
-        self.mask_norm = nn.LayerNorm(num_classes)
+        self.decoder_norm = nn.LayerNorm(d_model, eps=eps_norms)
+        self.mask_norm = nn.LayerNorm(num_classes, eps=eps_norms)
         trunc_normal_(self.cls_emb, std=0.02)
 
     def forward(self, x: Tensor, size: Optional[Tensor] = None, valid: Optional[Tensor] = None) -> Tensor:
@@ -145,33 +201,42 @@ class Segmenter(nn.Module):
         c = config
         if c.img_size % c.patch_size:
             raise ValueError(f"img_size {c.img_size} is not a multiple of patch_size {c.patch_size}")
+        if c.dist_token and not c.class_token:
+            raise ValueError("dist_token needs class_token (DeiT's tokens are [class, distillation, patches])")
+        if c.pos_resize not in POS_RESIZES:
+            raise ValueError(f"unknown pos_resize {c.pos_resize!r}; expected one of {', '.join(POS_RESIZES)}")
         self.config = c
         self.num_classes = num_classes
         self.patch_size = c.patch_size
         self.patch_embed = PatchEmbed(c.img_size, c.patch_size, 3, c.embed_dim, flatten=False,
-                                      output_fmt="NHWC", strict_img_size=False)
+                                      output_fmt="NHWC", strict_img_size=False, bias=c.patch_bias)
         self.base_grid = (c.img_size // c.patch_size,) * 2
         self.num_prefix_tokens = c.num_prefix_tokens
         if c.class_token:
             self.cls_token = nn.Parameter(torch.zeros(1, 1, c.embed_dim))
+        if c.dist_token:
+            self.dist_token = nn.Parameter(torch.zeros(1, 1, c.embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_prefix_tokens + self.base_grid[0] * self.base_grid[1],
                                                   c.embed_dim))
         self.blocks = nn.ModuleList(
             Block(c.embed_dim, c.num_heads, c.mlp_ratio, qkv_bias=True,
-                  drop_path=c.drop_path * i / max(c.depth - 1, 1))
+                  drop_path=c.drop_path * i / max(c.depth - 1, 1), norm_layer=partial(LayerNorm, eps=c.eps_blocks))
             for i in range(c.depth)
         )
-        self.norm = nn.LayerNorm(c.embed_dim)
+        self.norm = nn.LayerNorm(c.embed_dim, eps=c.eps_norm)
         if c.decoder == "linear":
             self.decoder = LinearDecoder(c.embed_dim, num_classes)
         elif c.decoder == "mask":
-            self.decoder = MaskTransformer(c.embed_dim, num_classes, c.decoder_layers)
+            self.decoder = MaskTransformer(c.embed_dim, num_classes, c.decoder_layers,
+                                           eps_blocks=c.eps_decoder, eps_norms=c.eps_decoder_norms)
         else:
             raise ValueError(f"unknown decoder {c.decoder!r}; expected 'linear' or 'mask'")
         trunc_normal_(self.pos_embed, std=0.02)
         if c.class_token:
             trunc_normal_(self.cls_token, std=0.02)  # as timm's VisionTransformer
         self.apply(_init_weights)
+        if c.dist_token:  # drawn after every other init: a model without one draws as before
+            trunc_normal_(self.dist_token, std=0.02)
 
     @property
     def depth(self) -> int:
@@ -188,10 +253,11 @@ class Segmenter(nn.Module):
         B, gh, gw, D = x.shape
         pos = self.pos_embed
         if (gh, gw) != self.base_grid:  # the prefix's embedding is kept as it is
-            pos = resample_abs_pos_embed(pos, [gh, gw], list(self.base_grid), num_prefix_tokens=self.num_prefix_tokens)
+            pos = resize_pos_embed(pos, (gh, gw), self.base_grid, self.num_prefix_tokens, self.config.pos_resize)
         x = x.reshape(B, gh * gw, D)
         if self.num_prefix_tokens:
-            x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)
+            prefix = [self.cls_token] + ([self.dist_token] if self.config.dist_token else [])
+            x = torch.cat([t.expand(B, -1, -1) for t in prefix] + [x], dim=1)
         return x + pos, (gh, gw)
 
     def decode(self, tokens: Tensor, grid: tuple[int, int], out_size: tuple[int, int]) -> Tensor:
@@ -311,9 +377,12 @@ def copy_timm_encoder(model: Segmenter, vit: nn.Module) -> None:
 
 
 def config_dict(config: ModelConfig) -> dict:
-    """The config as a dict; ``class_token`` only when on, so that a model without one
-    describes (and hashes) as it did before the option existed."""
+    """The config as a dict; ``class_token``, ``dist_token``, ``patch_bias`` and the
+    numerics only where they differ from bench's defaults, so that a model without them
+    describes (and hashes) as it did before the options existed."""
     d = asdict(config)
-    if not d["class_token"]:
-        del d["class_token"]
+    for name, default in (("class_token", False), ("dist_token", False), ("patch_bias", True),
+                          *DEFAULT_NUMERICS.items()):
+        if d[name] == default:
+            del d[name]
     return d

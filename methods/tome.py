@@ -116,7 +116,7 @@ def tokens_per_block(n: int, rs: Sequence[int]) -> list[int]:
     return counts
 
 
-def bipartite_soft_matching(metric: Tensor, r: int, protect_cls: bool = False) -> Tensor:
+def bipartite_soft_matching(metric: Tensor, r: int, protect_cls: Union[bool, int] = False) -> Tensor:
     """ToMe's matching on ``metric`` (B, n, d) -> ``dest`` (B, n) long: the row, among
     the n - r merged rows, that each token goes to (rows with one dest merge).
 
@@ -124,8 +124,15 @@ def bipartite_soft_matching(metric: Tensor, r: int, protect_cls: bool = False) -
     then every B token in its order. ``r`` must be in [0, n // 2]. ``protect_cls``: row 0
     is a class token that never merges (ToMe's ``protect_cls``); the A tokens that stay
     then keep their order, so it stays row 0, and ``r`` must be in [0, (n - 1) // 2].
+    ``protect_cls`` = P > 1: rows 0..P-1 are prefix tokens (class, distillation); rows
+    1..P-1 are held out of the matching and keep their rows.
     """
     B, n, _ = metric.shape
+    held = int(protect_cls) - 1
+    if held > 0:
+        dest = bipartite_soft_matching(torch.cat([metric[:, :1], metric[:, 1 + held:]], 1), r, True)
+        rows = torch.arange(1, 1 + held, device=metric.device).expand(B, held)
+        return torch.cat([dest[:, :1], rows, dest[:, 1:] + held], 1)
     metric = F.normalize(metric, dim=-1)
     a, b = metric[:, ::2], metric[:, 1::2]
     best, match = (a @ b.transpose(1, 2)).max(-1)  # (B, |A|): each A token's best B token
@@ -183,7 +190,7 @@ def attention(attn: nn.Module, x: Tensor, size: Optional[Tensor]) -> tuple[Tenso
 
 
 def tome_block(block: nn.Module, x: Tensor, size: Optional[Tensor], r: int,
-               prop_attn: bool = True, protect_cls: bool = False) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+               prop_attn: bool = True, protect_cls: Union[bool, int] = False) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
     """timm ``Block.forward`` with ToMe's merge between attention and MLP.
 
     Modifications:
@@ -209,7 +216,7 @@ def tome_block(block: nn.Module, x: Tensor, size: Optional[Tensor], r: int,
 class ToMeBlock(nn.Module):
     """One block merging ``r`` tokens of unit size: the cost probe of ("tome_block", r)."""
 
-    def __init__(self, block: nn.Module, r: int, protect_cls: bool = False):
+    def __init__(self, block: nn.Module, r: int, protect_cls: Union[bool, int] = False):
         super().__init__()
         self.block, self.r, self.protect_cls = block, r, protect_cls
 
@@ -242,11 +249,11 @@ class ToMePolicy(Policy):
     def run_block(self, index: int, block, state: TokenState) -> None:
         r = self.rs[index]
         counts = state.block_counts()  # the class token is computed, so priced
-        P = state.num_prefix  # 0 or 1: the block runs on [class token, grid rows]
+        P = state.num_prefix  # the block runs on [class (, distillation) token, grid rows]
         size = state.size
         if size is not None and P:
             size = torch.cat([size.new_ones(size.shape[0], P), size], 1)
-        x, size, dest = tome_block(block, state.joined(), size, r, self.prop_attn, protect_cls=P > 0)
+        x, size, dest = tome_block(block, state.joined(), size, r, self.prop_attn, protect_cls=P)
         state.x = state.split(x)
         state.size = size[:, P:] if size is not None else None
         if dest is not None:  # every grid position follows its row to the merged row
@@ -260,4 +267,4 @@ class ToMePolicy(Policy):
         p = next(model.parameters())
         x = torch.zeros(1, n, model.config.embed_dim, dtype=p.dtype, device=p.device)
         # every block has the same shape; n counts the class token, protected as in the forward
-        return ToMeBlock(model.blocks[0], key[1], protect_cls=model.num_prefix_tokens > 0), (x,)
+        return ToMeBlock(model.blocks[0], key[1], protect_cls=model.num_prefix_tokens), (x,)

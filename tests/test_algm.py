@@ -160,7 +160,8 @@ def test_decoder_runs_on_merged_rows_without_sizes_and_copies_masks_back():
 
 def test_default_layers_scale_the_references_layers():
     assert default_layers(12) == [1, 5]  # the reference's ViT layers 1 and 5
-    assert default_layers(6) == [1, 3] and default_layers(4) == [1, 2] and default_layers(24) == [1, 9]
+    assert default_layers(6) == [1, 3] and default_layers(4) == [1, 2]
+    assert default_layers(24) == [1, 7]  # the reference's Seg-L
     assert ALGMPolicy(6).layers == [1, 3] and ALGMPolicy(6).threshold == 0.88
 
 

@@ -61,3 +61,45 @@ def test_out_of_range_label_names_the_bad_values():
 def test_shape_mismatch_is_an_error():
     with pytest.raises(BenchError, match="shape"):
         confusion_matrix(torch.zeros(2, 2), torch.zeros(4), num_classes=3)
+
+
+def test_miou_equals_cityscapesscripts_evaluation(tmp_path):
+    """Random predictions against cityscapesscripts' own pixel-level evaluation
+    (evalPixelLevelSemanticLabeling: evaluatePair, getIouScoreForLabel, getScoreAverage), on
+    label-id PNGs with ignored pixels, classes absent from both, and classes only predicted."""
+    csEval = pytest.importorskip("cityscapesscripts.evaluation.evalPixelLevelSemanticLabeling")
+    import numpy as np
+    from PIL import Image
+
+    from bench.datasets.cityscapes import label_id_to_train_id
+
+    to_train = label_id_to_train_id()
+    train_to_id = {t: i for i, t in sorted(to_train.items(), reverse=True) if t != 255}  # first id per train id
+    ignored_ids = [i for i, t in to_train.items() if t == 255 and i >= 0]
+    rng = np.random.default_rng(0)
+    in_label = list(range(0, 12))  # train ids 12..18 absent from every label
+    in_pred = list(range(0, 10)) + [15]  # 10, 11 never predicted; 15 only predicted
+    args = csEval.CArgs()
+    args.evalInstLevelScore, args.evalPixelAccuracy, args.quiet = False, False, True
+    conf = csEval.generateMatrix(args)
+    ours = ConfusionMatrix(19)
+    for k in range(3):
+        gt_train = rng.choice(in_label, size=(24, 40))
+        pred_train = rng.choice(in_pred, size=(24, 40))
+        gt = np.vectorize(train_to_id.get)(gt_train).astype(np.uint8)
+        ignore = rng.random(gt.shape) < 0.2
+        gt[ignore] = rng.choice(ignored_ids, size=int(ignore.sum()))
+        pred = np.vectorize(train_to_id.get)(pred_train).astype(np.uint8)
+        Image.fromarray(gt).save(tmp_path / f"gt{k}.png")
+        Image.fromarray(pred).save(tmp_path / f"pred{k}.png")
+        csEval.evaluatePair(str(tmp_path / f"pred{k}.png"), str(tmp_path / f"gt{k}.png"), conf, {}, {}, args)
+        label = torch.from_numpy(np.vectorize(lambda i: to_train[int(i)])(gt).astype(np.int64))
+        ours.update(torch.from_numpy(pred_train), label)
+    scores = {label: csEval.getIouScoreForLabel(label, conf, args) for label in args.evalLabels}
+    theirs_miou = csEval.getScoreAverage(scores, args)
+    per_class, miou = ours.iou()
+    theirs = [scores[train_to_id[t]] for t in range(19)]
+    assert [math.isnan(x) for x in per_class] == [math.isnan(x) for x in theirs]
+    assert sum(math.isnan(x) for x in theirs) == 6 and theirs[15] == 0.0  # absent: NaN; only predicted: 0
+    assert all(a == pytest.approx(b, abs=1e-12) for a, b in zip(per_class, theirs) if not math.isnan(b))
+    assert abs(miou - theirs_miou) < 1e-12

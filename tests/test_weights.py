@@ -191,6 +191,10 @@ def test_run_with_imported_weights_fine_tunes_paumer_from_them_and_records_them(
     r = records[0]
     assert r["baseline_checkpoint"] == weights_hash(source)
     assert r["baseline_source"]["format"] == "mmseg" and r["baseline_source"]["released"] is None
+    # no meta.cfg in the file: mmseg's own numerics, said in the record
+    assert r["model_numerics"]["ln_eps"] == {"encoder_blocks": 1e-6, "encoder_norm": 1e-6, "decoder_blocks": 1e-5,
+                                             "decoder_norms": 1e-5}
+    assert r["model_numerics"]["pos_resize"] == "bicubic"
     ckpts = {p.name.rsplit("-", 2)[0]: load_checkpoint(p) for p in (tmp_path / "ck" / "toy").glob("*.pt")}
     assert sorted(ckpts) == ["baseline-ft", "paumer"]  # the baseline is imported, not trained
     for name in ("paumer", "baseline-ft"):  # both from the imported weights, with the budget rules
@@ -275,3 +279,43 @@ def test_train_with_imported_weights_trains_nothing_for_the_baseline(capsys, tmp
           str(tmp_path / "w.pth")])
     assert f"checkpoint ready: baseline weights {weights_hash(source)} after 0 steps" in capsys.readouterr().out
     assert not (tmp_path / "ck").exists()
+
+
+def test_weights_take_shape_numerics_and_grid_from_the_files_configuration(tmp_path, toy):
+    """--weights goes through bench.loading: variant.yml beside an rstrudel file sets the
+    model's numerics, normalisation and trained size in the run's model config."""
+    import yaml
+
+    from bench.runspec import RunOptions, _model_config, dataset_spec, train_config
+
+    source = tiny("linear", depth=3, img_size=48)
+    (tmp_path / "run").mkdir()
+    torch.save(as_segmenter(source), tmp_path / "run" / "checkpoint.pth")
+    variant = {"net_kwargs": {"d_model": 32, "n_layers": 3, "n_heads": 2, "patch_size": 8, "image_size": [48, 48],
+                              "decoder": {"name": "linear"}, "n_cls": 5, "normalization": "deit"},
+               "dataset_kwargs": {"crop_size": 48}}
+    (tmp_path / "run" / "variant.yml").write_text(yaml.dump(variant))
+    opts = RunOptions(dataset="toy", weights=str(tmp_path / "run" / "checkpoint.pth"))
+    cfg = train_config(opts, dataset_spec(opts))
+    config = _model_config(cfg)
+    assert (config.img_size, config.eps_blocks, config.pos_resize) == (48, 1e-5, "bilinear")
+    assert config.mean == (0.485, 0.456, 0.406) and cfg.crop_size == 48
+    plain = train_config(RunOptions(dataset="toy"), dataset_spec(RunOptions(dataset="toy")))
+    assert "eps_blocks" not in plain.model_overrides and cfg.hash() != plain.hash()
+
+
+def test_load_segmenter_builds_a_bench_checkpoint_from_its_own_config(tmp_path, capsys):
+    import bench
+
+    source = tiny("mask")
+    payload = as_bench(source)
+    overrides = {k: v for k, v in SHAPE.items() if k != "class_token"}
+    payload["config"] = {"model": "tiny", "model_overrides": {**overrides, "decoder": "mask", "decoder_layers": 2},
+                         "class_token": True, "num_classes": 5, "hash": "x"}
+    torch.save(payload, tmp_path / "w.pt")
+    model = bench.load_segmenter(tmp_path / "w.pt")
+    assert not model.training and model.config == source.config
+    images = torch.randn(1, 3, 32, 48)
+    with torch.no_grad():
+        assert torch.equal(model(images), source(images))
+    assert "bench config" in capsys.readouterr().err
