@@ -262,3 +262,15 @@ def test_default_sweeps_follow_the_model_and_the_input(tmp_path, toy):
     resized = DatasetSpec("resized", ("a",), DatasetPreset(eval_mode="whole", resize_short=64), "X", "data", None)
     assert eval_tokens(resized, 8, ToyDataset(2, size=32)) == 64
 
+
+
+def test_sweep_runs_every_registered_method_by_default(tmp_path, capsys, toy):
+    from methods import all_methods
+
+    main(["sweep", "--dry-run", "--dataset", "toy", "--folder", str(tmp_path / "sweeps"),
+          "--checkpoints", str(tmp_path / "ck"), "--results", str(tmp_path / "res"), "--quiet"])
+    out = capsys.readouterr().out
+    assert {"algm", "algm-ft"} <= set(all_methods())
+    for name in all_methods():
+        assert f"toy / {name}:" in out, name
+    assert not (tmp_path / "ck").exists()
