@@ -30,6 +30,8 @@ def train_options(f):
         click.option("--seed", type=int, default=0, show_default=True),
         click.option("--checkpoints", default="checkpoints", show_default=True, help="checkpoint folder"),
         click.option("--quiet", is_flag=True, help="no progress bars"),
+        click.option("--tensorboard", is_flag=True,
+                     help="training also writes TensorBoard events beside its JSONL log (needs tensorboard installed)"),
     ]
     for option in reversed(options):
         f = option(f)

@@ -25,6 +25,7 @@ from bench.imported import imported_baseline, stored_baseline  # noqa: F401 (par
 from bench.planning import (check_device, check_folder, check_ops, describe_plan, pending_ops, plan,  # noqa: F401
                             training_plan, validate)
 from bench.protocol import check_execution, evaluate, speed_entry, time_methods
+from bench.provenance import full_config, write_config
 from bench.results import SCHEMA_VERSION, ResultsStore
 from bench.runspec import (RunOptions, _model_config, _model_depth, _settings, checkpoint_groups,  # noqa: F401
                            checkpoint_path, dataset_spec, eval_images, eval_tokens, fine_tune_config, get_method,
@@ -89,10 +90,13 @@ def train_checkpoint(opts: RunOptions, cfg: TrainConfig, model=None, **train_kwa
     payload = stored_checkpoint(opts, cfg)
     if payload is not None:
         model.load_state_dict(payload["model"])
+        payload.setdefault("train_config", full_config(cfg))  # stored before checkpoints held it
+        if distributed.is_main():
+            write_config(checkpoint_path(opts, cfg), cfg)
         return model.eval(), payload
     dataset = datasets.open_dataset(opts.dataset, "train", opts.data_root)
     payload = train(model, dataset, cfg, checkpoint_path(opts, cfg), device=device, progress=opts.progress,
-                    **train_kwargs)
+                    tensorboard=opts.tensorboard, **train_kwargs)
     return model.eval(), payload
 
 
@@ -259,7 +263,8 @@ def run(opts: RunOptions) -> list[dict]:
             "speed": speed,
             "timing_images": len(timing),
             "seed": opts.seed,
-            "train": {"steps": base_cfg.steps, "config_hash": payload["config"].get("hash")},
+            "train": {"steps": base_cfg.steps, "config_hash": payload["config"].get("hash"),
+                      **({"config": payload["train_config"]} if payload.get("train_config") else {})},
             **({"eval_processes": distributed.world_size()} if distributed.is_distributed() else {}),
             **env,
         }

@@ -75,6 +75,11 @@ def test_run_stores_records_then_resumes_without_duplicates(capsys, tmp_path, to
         assert r["flops_unit"] == "GFLOPs (fvcore, MAC)" and r["checkpoint"] == r["baseline_checkpoint"]
     assert records[1]["gflops"]["mean"] < records[0]["gflops"]["mean"]
     assert abs(records[0]["miou_delta"]) < 1e-9  # scale 1 is the baseline itself
+    # provenance: the full training configuration beside its hash, and beside the checkpoint
+    config = records[0]["train"]["config"]
+    assert config["hash"] == records[0]["train"]["config_hash"] and config["optimizer"] == "adamw"
+    beside = tmp_path / "ck" / "toy" / f"baseline-tiny-{config['hash']}.config.json"
+    assert json.loads(beside.read_text()) == config
     before = (tmp_path / "res" / "toy.jsonl").read_bytes()
     capsys.readouterr()
     main(["run", "--method", "static", "--op", "scale=1.0", *common])
@@ -274,3 +279,11 @@ def test_sweep_runs_every_registered_method_by_default(tmp_path, capsys, toy):
     for name in all_methods():
         assert f"toy / {name}:" in out, name
     assert not (tmp_path / "ck").exists()
+
+
+def test_tensorboard_without_the_package_is_one_line_error_before_training(capsys, tmp_path, toy, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if tensorboard were not installed
+    code, _, err = run_cli(capsys, "train", "--tensorboard", "--dataset", "toy", "--checkpoints", str(tmp_path / "ck"),
+                           "--quiet")
+    assert_one_line_error(code, err, "--tensorboard needs the tensorboard package", "pip install tensorboard")
+    assert not list((tmp_path / "ck").rglob("*.pt"))
