@@ -27,7 +27,7 @@ METHOD_COLORS = {
 }
 # for methods not named above (plugins): picked by hash, none of them used above
 EXTRA_COLORS = ("#CA9161", "#ECE133", "#17BECF", "#BCBD22", "#393B79", "#637939", "#E377C2", "#9467BD")
-METHOD_MARKERS = {"paumer": "D", "early-exit": "^", "tome": ">", "algm": "o", "algm-ft": "s", "dtop": "p",
+METHOD_MARKERS = {"baseline": "*", "baseline-ft": "D", "paumer": "D", "early-exit": "^", "tome": ">", "algm": "o", "algm-ft": "s", "dtop": "p",
                   "shallow": "X", "static": "<"}
 # a variant's own marker, whatever its method (a hollow marker: it shows under a filled one)
 VARIANT_MARKERS = {"batching=packed": "d", "mode=image": "v", "schedule=decreasing": "h", "unmerge=before": "P"}
