@@ -288,5 +288,7 @@ def write_maps(opts: RunOptions, method: MethodSpec, spec, trained, model, val, 
     palette = getattr(val, "palette", None) or [tuple(np.random.default_rng(c).integers(0, 255, 3))
                                                  for c in range(spec.num_classes)]
     path = Path(opts.results) / "figures" / f"{spec.name}-{method.name}-compute-maps"
-    return pause_maps(model, runs, val, indices, path, palette=palette, depth=model.depth, classes=spec.classes)
+    title = f"{spec.name} · {model.depth} blocks, width {model.config.embed_dim}"  # what the maps are of
+    return pause_maps(model, runs, val, indices, path, palette=palette, depth=model.depth, classes=spec.classes,
+                      title=title)
 
