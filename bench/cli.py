@@ -401,11 +401,18 @@ def methods_cmd():
               help="figure width: one column (3.3 in) or the text width (7 in) of a two-column paper")
 @click.option("--checkpoints", default="checkpoints", show_default=True,
               help="checkpoint folder, where the training logs drawn as curves are")
-def report_cmd(results, out, width, checkpoints):
+@click.option("--readme", default=None,
+              help="a Markdown file whose `bench-report:<dataset>-facts` blocks are rewritten "
+                   "(default: ./README.md with the default --results; '' for none)")
+def report_cmd(results, out, width, checkpoints, readme):
     """Tables (Markdown, LaTeX, CSV) and figures (PNG, SVG, PDF) from the stored records."""
+    from pathlib import Path
+
     from bench.report import report
 
-    for path in report(results, out, width=width, checkpoints=checkpoints):
+    if readme is None:  # another results folder (results/h100) must not rewrite the main rows' numbers
+        readme = "README.md" if results == "results" and Path("README.md").is_file() else ""
+    for path in report(results, out, width=width, checkpoints=checkpoints, readme=readme or None):
         click.echo(f"wrote {path}")
 
 

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 from bench.errors import BenchError
 from bench.fileio import atomic_write
 from bench.report.figures import WIDTHS, figure_style, save_figure, series_styles, tokens_figure, tradeoff_figure
+from bench.report.readme import update_readme
 from bench.report.records import usable_records
 from bench.report.style import context_line
 from bench.report.speed import speed_report
@@ -27,7 +29,9 @@ from bench.report.training import training_figure, training_logs
 
 
 def report(results: str = "results", out: str = "reports", width: str = "text",
-           checkpoints: str = "checkpoints") -> list[Path]:
+           checkpoints: str = "checkpoints", readme: Optional[str] = None) -> list[Path]:
+    """Every dataset's tables and figures and the index under ``out``; ``readme``: a
+    Markdown file whose marked fact blocks (``bench.report.readme``) are rewritten."""
     from bench.datasets import DATASETS
 
     if width not in WIDTHS:
@@ -114,4 +118,6 @@ def report(results: str = "results", out: str = "reports", width: str = "text",
         print(note)
         index += [note, ""]
     written.append(_write_text(out_dir / "README.md", "\n".join(index)))
+    if readme is not None and update_readme(Path(readme), records):
+        written.append(Path(readme))
     return written
