@@ -100,7 +100,7 @@ def speed_figure(df: pd.DataFrame, width: str = "text"):
     handles += [Line2D([], [], linestyle="none", marker="o", color="black",
                        markerfacecolor="black" if fills[bs] == "full" else "white", label=f"batch {bs}")
                 for bs in batches]
-    handles.append(Line2D([], [], color="black", linestyle="--", lw=0.8, label="y = x: every saved FLOP is time"))
-    fig.legend(handles=handles, loc="outside lower center", ncol=3 if width == "column" else 5, frameon=False)
+    handles.append(Line2D([], [], color="black", linestyle="--", lw=0.8, label="y = x: saved FLOPs all become time"))
+    fig.legend(handles=handles, loc="outside lower center", ncol=2 if width == "column" else 5, frameon=False)
     _caption(fig, "bench speed · random weights and images, decisions forced by a token schedule", width)
     return fig
