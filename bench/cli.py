@@ -86,7 +86,7 @@ def _require_device(device: str, here: bool = True) -> None:
 
 def _warn_single_repeat(repeats: int) -> None:
     """One timed repeat has no median to steady it: its speedups, even the baseline's
-    against itself, are noise. Said before any work, on stderr."""
+    against itself, are noise. Said on stderr, after the speedups it is about."""
     if repeats == 1:
         click.echo("warning: --repeats 1 times each method once: its speedups are noise (the baseline against "
                    "itself reads far from 1.00x); use 3 or more to compare methods", err=True)
@@ -140,7 +140,6 @@ def run(method, ops, limit, replace, timing_images, repeats, dry_run, **kw):
     from bench.runner import describe_plan, get_method, parse_op, plan, run as run_method
 
     spec = get_method(method)
-    _warn_single_repeat(repeats)
     opts = _options(launch=not dry_run, method=method, ops=[parse_op(spec, o) for o in ops] or None, limit=limit,
                     replace=replace, timing_images=timing_images, repeats=repeats, **kw)
     if dry_run:
@@ -160,6 +159,7 @@ def run(method, ops, limit, replace, timing_images, repeats, dry_run, **kw):
     stored = f"{opts.results}/{records[0]['dataset'] if records else _dataset_name(opts)}.jsonl"
     if records:
         click.echo(f"{len(records)} record(s) appended to {stored}")
+        _warn_single_repeat(repeats)
     else:
         click.echo(f"nothing to do: every operating point is already in {stored} "
                    "for this checkpoint, image count, device, precision, batch sizes and evaluation settings "
@@ -207,7 +207,6 @@ def speed_cmd(batch_sizes, methods, ops, stay, batching, tome_r, scale, **kw):
     from bench.speed import SpeedOptions, run_speed
 
     _require_device(kw["device"])
-    _warn_single_repeat(kw["repeats"])
     names = [m for m in methods.split(",") if m]
     by_method = _ops_by_method(ops, names, parse_op, get_method, option="--method")
     sizes = _numbers("--batch-size", batch_sizes, int)
@@ -223,6 +222,7 @@ def speed_cmd(batch_sizes, methods, ops, stay, batching, tome_r, scale, **kw):
         click.echo(f"{r['method']:10s} {_knobs(r['knobs']):58s} GFLOPs {r['gflops']['mean']:8.2f} (x{r['gflops_ratio']:.2f})  "
                    + "  ".join(f"b{b}: {s[b]['throughput']:7.2f} img/s x{s[b]['speedup']:.2f}" for b in s))
     click.echo(f"records written to {opts.results}/speed.jsonl")
+    _warn_single_repeat(opts.repeats)
 
 
 def _ops_by_method(ops, names: list, parse_op, get_method, option: str = "--methods") -> dict:
@@ -297,7 +297,6 @@ def sweep(methods, ops, cluster, folder, partition, gpus_per_node, cpus_per_task
     from bench.sweep import sweep as run_sweep
     from methods import all_methods
 
-    _warn_single_repeat(repeats)
     names = [m.strip() for m in methods.split(",") if m.strip()] if methods is not None else list(all_methods())
     by_method = _ops_by_method(ops, names, parse_op, get_method)
     extra = {}
@@ -314,6 +313,8 @@ def sweep(methods, ops, cluster, folder, partition, gpus_per_node, cpus_per_task
     reports = run_sweep(base, names, dataset_names, by_method, cluster=cluster, folder=folder,
                         gpus_per_node=gpus_per_node, partition=partition, cpus_per_task=cpus_per_task, mem_gb=mem_gb,
                         time_min=time_min, slurm_params=extra, wait=wait, dry_run=dry_run, echo=click.echo)
+    if not dry_run:
+        _warn_single_repeat(repeats)
     failed = [r for r in reports if r.state == "failed"]
     if failed:
         logs = ", ".join(str(r.stderr) for r in failed)

@@ -331,9 +331,9 @@ def train(
         model.load_state_dict(payload["model"])
         optimizer.load_state_dict(payload["optimizer"])
         start = payload["step"]
-    if rank == 0:
-        write_config(path, cfg)
     if start >= cfg.steps:
+        if rank == 0:
+            write_config(path, cfg)
         payload.setdefault("train_config", full_config(cfg))  # a checkpoint from before it was stored
         return payload
 
@@ -363,6 +363,7 @@ def train(
                    "weights": weights_hash(model), "train_config": full_config(cfg)}
         if rank == 0:
             save_checkpoint(path, payload)
+            write_config(path, cfg)  # after the checkpoint: no config.json without its checkpoint
         return payload
 
     t0 = time.perf_counter()
