@@ -30,6 +30,8 @@ def train_options(f):
         click.option("--seed", type=int, default=0, show_default=True),
         click.option("--checkpoints", default="checkpoints", show_default=True, help="checkpoint folder"),
         click.option("--quiet", is_flag=True, help="no progress bars"),
+        click.option("--tensorboard", is_flag=True,
+                     help="training also writes TensorBoard events beside its JSONL log (needs tensorboard installed)"),
     ]
     for option in reversed(options):
         f = option(f)
@@ -80,6 +82,14 @@ def _require_device(device: str, here: bool = True) -> None:
     from bench.runner import check_device
 
     check_device(device, here=here)
+
+
+def _warn_single_repeat(repeats: int) -> None:
+    """One timed repeat has no median to steady it: its speedups, even the baseline's
+    against itself, are noise. Said on stderr, after the speedups it is about."""
+    if repeats == 1:
+        click.echo("warning: --repeats 1 times each method once: its speedups are noise (the baseline against "
+                   "itself reads far from 1.00x); use 3 or more to compare methods", err=True)
 
 
 def _options(*, launch: bool = True, check_device: bool = True, **kw):
@@ -149,6 +159,7 @@ def run(method, ops, limit, replace, timing_images, repeats, dry_run, **kw):
     stored = f"{opts.results}/{records[0]['dataset'] if records else _dataset_name(opts)}.jsonl"
     if records:
         click.echo(f"{len(records)} record(s) appended to {stored}")
+        _warn_single_repeat(repeats)
     else:
         click.echo(f"nothing to do: every operating point is already in {stored} "
                    "for this checkpoint, image count, device, precision, batch sizes and evaluation settings "
@@ -167,7 +178,10 @@ def _dataset_name(opts) -> str:
 @click.option("--size", type=click.IntRange(min=1), default=768, show_default=True, help="square input size, pixels")
 @click.option("--batch-size", "batch_sizes", default="1,8", show_default=True, help="comma-separated batch sizes")
 @click.option("--method", "methods", default="paumer,tome,early-exit,static", show_default=True,
-              help="comma-separated: paumer, early-exit, tome, static (the baseline is always timed)")
+              help="comma-separated registered methods (`bench methods`; the baseline is always timed)")
+@click.option("--op", "ops", multiple=True,
+              help="METHOD:KNOBS for a method without its own options below, e.g. 'algm:threshold=0.9' "
+                   "(repeatable; default: its sweep)")
 @click.option("--stay", multiple=True,
               help="share of the grid active after each pausing layer, e.g. 0.75,0.575,0.4 (repeat: several schedules)")
 @click.option("--spread", type=click.FloatRange(0, 1), default=0.1, show_default=True, help="image-to-image spread of --stay")
@@ -186,25 +200,41 @@ def _dataset_name(opts) -> str:
 @click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True)
 @click.option("--results", default="results", show_default=True)
 @execution_options
-def speed_cmd(batch_sizes, methods, stay, batching, tome_r, scale, **kw):
+def speed_cmd(batch_sizes, methods, ops, stay, batching, tome_r, scale, **kw):
     """Time methods at any model and input size on random weights and images, decisions
     forced by a token schedule; records go to <results>/speed.jsonl."""
+    from bench.runner import get_method, parse_op
     from bench.speed import SpeedOptions, run_speed
 
     _require_device(kw["device"])
+    names = [m for m in methods.split(",") if m]
+    by_method = _ops_by_method(ops, names, parse_op, get_method, option="--method")
     sizes = _numbers("--batch-size", batch_sizes, int)
     schedules = [_numbers("--stay", one, float) for one in stay] or None
     batchings = batching.split(",")
     if set(batchings) - {"pad", "packed"}:
         raise BenchError(f"--batching takes pad, packed or both, comma-separated; got {batching!r}")
     tome_rs = _numbers("--tome-r", tome_r, int) if tome_r else [None]
-    opts = SpeedOptions(batch_sizes=sizes, methods=[m for m in methods.split(",") if m], stay=schedules,
+    opts = SpeedOptions(batch_sizes=sizes, methods=names, ops=by_method, stay=schedules,
                         batching=batchings, tome_r=tome_rs, scale=_numbers("--scale", scale, float), **kw)
     for r in run_speed(opts):
         s = r["speed"]
         click.echo(f"{r['method']:10s} {_knobs(r['knobs']):58s} GFLOPs {r['gflops']['mean']:8.2f} (x{r['gflops_ratio']:.2f})  "
                    + "  ".join(f"b{b}: {s[b]['throughput']:7.2f} img/s x{s[b]['speedup']:.2f}" for b in s))
     click.echo(f"records written to {opts.results}/speed.jsonl")
+    _warn_single_repeat(opts.repeats)
+
+
+def _ops_by_method(ops, names: list, parse_op, get_method, option: str = "--methods") -> dict:
+    """``--op METHOD:KNOBS`` texts as {method: [knobs, ...]}, each method one of ``names``."""
+    by_method: dict = {}
+    for text in ops:
+        m, sep, knobs = text.partition(":")
+        if not sep or m not in names:
+            raise BenchError(f"bad --op {text!r}: expected METHOD:KNOBS with METHOD one of {option} "
+                             f"({', '.join(names)})")
+        by_method.setdefault(m, []).append(parse_op(get_method(m), knobs))
+    return by_method
 
 
 def _numbers(option: str, text: str, kind) -> list:
@@ -238,8 +268,8 @@ def train(method, ops, **kw):
 
 
 @cli.command()
-@click.option("--methods", default="baseline,baseline-ft,shallow,static,paumer,tome,early-exit", show_default=True,
-              help="comma-separated; one job per method and dataset")
+@click.option("--methods", default=None,
+              help="comma-separated; one job per method and dataset (default: every registered method, `bench methods`)")
 @click.option("--op", "ops", multiple=True,
               help="METHOD:KNOBS, e.g. 'paumer:tau=0.2' (repeatable; a method without one runs its default sweep)")
 @click.option("--cluster", type=click.Choice(["local", "slurm"]), default="local", show_default=True,
@@ -265,15 +295,10 @@ def sweep(methods, ops, cluster, folder, partition, gpus_per_node, cpus_per_task
     Resumable: run the same command again and only what is missing runs."""
     from bench.runner import get_method, parse_op
     from bench.sweep import sweep as run_sweep
+    from methods import all_methods
 
-    names = [m.strip() for m in methods.split(",") if m.strip()]
-    by_method: dict = {}
-    for text in ops:
-        m, sep, knobs = text.partition(":")
-        if not sep or m not in names:
-            raise BenchError(f"bad --op {text!r}: expected METHOD:KNOBS with METHOD one of --methods "
-                             f"({', '.join(names)})")
-        by_method.setdefault(m, []).append(parse_op(get_method(m), knobs))
+    names = [m.strip() for m in methods.split(",") if m.strip()] if methods is not None else list(all_methods())
+    by_method = _ops_by_method(ops, names, parse_op, get_method)
     extra = {}
     for text in slurm_params:
         key, sep, value = text.partition("=")
@@ -288,6 +313,8 @@ def sweep(methods, ops, cluster, folder, partition, gpus_per_node, cpus_per_task
     reports = run_sweep(base, names, dataset_names, by_method, cluster=cluster, folder=folder,
                         gpus_per_node=gpus_per_node, partition=partition, cpus_per_task=cpus_per_task, mem_gb=mem_gb,
                         time_min=time_min, slurm_params=extra, wait=wait, dry_run=dry_run, echo=click.echo)
+    if not dry_run:
+        _warn_single_repeat(repeats)
     failed = [r for r in reports if r.state == "failed"]
     if failed:
         logs = ", ".join(str(r.stderr) for r in failed)
@@ -375,11 +402,18 @@ def methods_cmd():
               help="figure width: one column (3.3 in) or the text width (7 in) of a two-column paper")
 @click.option("--checkpoints", default="checkpoints", show_default=True,
               help="checkpoint folder, where the training logs drawn as curves are")
-def report_cmd(results, out, width, checkpoints):
+@click.option("--readme", default=None,
+              help="a Markdown file whose `bench-report:<dataset>-facts` blocks are rewritten "
+                   "(default: ./README.md with the default --results; '' for none)")
+def report_cmd(results, out, width, checkpoints, readme):
     """Tables (Markdown, LaTeX, CSV) and figures (PNG, SVG, PDF) from the stored records."""
+    from pathlib import Path
+
     from bench.report import report
 
-    for path in report(results, out, width=width, checkpoints=checkpoints):
+    if readme is None:  # another results folder (results/h100) must not rewrite the main rows' numbers
+        readme = "README.md" if results == "results" and Path("README.md").is_file() else ""
+    for path in report(results, out, width=width, checkpoints=checkpoints, readme=readme or None):
         click.echo(f"wrote {path}")
 
 

@@ -42,6 +42,19 @@ def exit_levels(policies: Sequence, depth: int, maps: Sequence[np.ndarray] = ())
     return sorted(levels)
 
 
+def _common_knobs(names: Sequence[str]) -> str:
+    """The method and the knobs every run shares ("early-exit mode=token"), said once."""
+    parts = [n.split() for n in names]
+    return " ".join(p for p in parts[0] if all(p in other for other in parts)) if parts else ""
+
+
+def _short_names(names: Sequence[str]) -> dict:
+    """Each run's name without what every run shares: "threshold=0.95" for
+    "early-exit mode=token threshold=0.95", so column titles fit their column."""
+    shared = set(_common_knobs(names).split())
+    return {n: " ".join(p for p in n.split() if p not in shared) or n for n in names}
+
+
 def level_labels(levels: Sequence[int], depth: int) -> list[str]:
     return [f"full depth ({depth})" if l == depth else f"after block {l}" for l in levels]
 
@@ -70,22 +83,31 @@ def pause_maps(model, runs: list, dataset, indices: list[int], path: Path, *, pa
         row = [(image.permute(1, 2, 0).numpy(), "image"), (_colorize(label, palette), "label")]
         shown.update(dict(zip(*np.unique(label, return_counts=True))))
         for name, policy in runs:
+            short = _short_names([n for n, _ in runs])[name]
             pred = predict(model, policy, image[None], settings, keep_maps=True)
             argmax = pred.logits.argmax(1)[0].cpu().numpy()
             shown.update(dict(zip(*np.unique(argmax, return_counts=True))))
             left = pred.left_at[0].cpu().numpy()
             left_maps.append(left)
-            row += [(_colorize(argmax, palette), f"{name}\nprediction"), (left, f"{name}\nleft after block")]
+            row += [(_colorize(argmax, palette), f"{short}\nprediction"), (left, f"{short}\nleft after")]
         rows.append(row)
     levels = exit_levels([policy for _, policy in runs], depth, left_maps)
-    cmap = plt.get_cmap("viridis", len(levels))
+    from matplotlib.colors import ListedColormap
+
+    from bench.report.style import full_depth_color
+
+    # exit blocks dark to light; "full depth" a colour no class is near, so it reads apart
+    early = [plt.get_cmap("viridis")(0.75 * i / max(1, len(levels) - 2)) for i in range(len(levels) - 1)]
+    cmap = ListedColormap(early + [full_depth_color(palette)])
     rc = {"font.size": FONT_PT, "axes.titlesize": FONT_PT, "legend.fontsize": FONT_PT, "xtick.labelsize": FONT_PT,
           "ytick.labelsize": FONT_PT, "axes.labelsize": FONT_PT, "pdf.fonttype": 42, "svg.hashsalt": "bench"}
     with plt.rc_context(rc):
         cols = len(rows[0])
         cell = (width - 1.0) / cols  # an inch for the colour bar and its labels
-        fig, axes = plt.subplots(len(rows), cols, figsize=(width, cell * len(rows) + 0.9), squeeze=False,
-                                 layout="constrained")
+        aspect = rows[0][0][0].shape[0] / rows[0][0][0].shape[1]  # image height / width: rows as tall as that
+        fig, axes = plt.subplots(len(rows), cols, figsize=(width, cell * aspect * len(rows) + 0.75 + 0.25 * bool(title)),
+                                 squeeze=False, layout="constrained")
+        fig.get_layout_engine().set(h_pad=0.01, w_pad=0.01, hspace=0.01, wspace=0.02)
         for r, row in enumerate(rows):
             for ax, (data, name) in zip(axes[r], row):
                 if data.ndim == 2:  # a map of exit blocks, drawn as the index of its level
@@ -108,8 +130,10 @@ def pause_maps(model, runs: list, dataset, indices: list[int], path: Path, *, pa
             handles.append(Patch(facecolor="black", edgecolor="none", label="ignored"))
         fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 8), frameon=False,
                    handlelength=1.0, handleheight=1.0, columnspacing=1.0)
-        if title:
-            fig.suptitle(title)
+        common = _common_knobs([n for n, _ in runs])
+        heading = " · ".join(t for t in (title, common) if t)
+        if heading:
+            fig.suptitle(heading)
         path.parent.mkdir(parents=True, exist_ok=True)
         formats = [("png", {"dpi": 300}), ("svg", {"metadata": {"Date": None}}),
                    ("pdf", {"metadata": {"CreationDate": None, "ModDate": None}})]

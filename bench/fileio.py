@@ -1,11 +1,12 @@
-"""Atomic file writes: what is stored is either the old file or the whole new one."""
+"""Atomic file writes (what is stored is either the old file or the whole new one) and
+an inter-process lock (``locked``)."""
 from __future__ import annotations
 
 import contextlib
 import os
 import tempfile
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, Iterator
 
 from bench.errors import BenchError
 
@@ -53,3 +54,18 @@ def _write(path: Path, write: Callable[[BinaryIO], None]) -> None:
             os.fsync(dfd)
         finally:
             os.close(dfd)
+
+
+@contextlib.contextmanager
+def locked(path: os.PathLike | str, timeout: float = -1) -> Iterator[None]:
+    """Holds an exclusive inter-process lock on the file ``path`` (created if absent)
+    for the ``with`` block, through ``filelock`` (portable: flock on POSIX, msvcrt on
+    Windows). ``timeout`` seconds to wait (-1: forever); a lock not got in time is a
+    BenchError naming ``path``. Not re-entrant across processes, re-entrant in one."""
+    from filelock import FileLock, Timeout
+
+    try:
+        with FileLock(str(path), timeout=timeout):
+            yield
+    except Timeout:
+        raise BenchError(f"could not lock {path} within {timeout} s (another bench process holds it)") from None

@@ -208,6 +208,10 @@ def validate(opts: RunOptions, spec: Optional[datasets.DatasetSpec] = None, ops:
     if opts.threads < 1 or opts.batch_size < 1:
         raise BenchError("--threads and --batch-size must be at least 1")
     check_execution(opts.precision, opts.device, opts.compile, opts.compile_backend, probe=device_here)
+    if opts.tensorboard:
+        from bench.provenance import check_tensorboard
+
+        check_tensorboard()
     method = get_method(opts.method)
     spec = spec or dataset_spec(opts)
     if ops is None:

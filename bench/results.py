@@ -10,7 +10,8 @@ twice needs ``replace=True``.
 
 Writes never corrupt what is stored: the whole new file is written to a temp file in the
 same folder, fsynced, then ``os.replace``d over the old one (atomic on POSIX), under an
-exclusive ``flock`` on ``<root>/.lock`` so concurrent appenders don't lose records.
+exclusive lock on ``<root>/.lock``
+(``bench.fileio.locked``, through ``filelock``) so concurrent appenders don't lose records.
 Lines that cannot be parsed are reported by file and line, and kept verbatim on rewrite.
 Per-class IoU may hold NaN (a class absent from labels and predictions): it is written
 as JSON ``null``, which every JSON reader accepts, and read back as NaN; files written
@@ -18,19 +19,13 @@ before that, with the bare ``NaN`` token, still read.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 from pathlib import Path
 
-try:
-    import fcntl
-except ImportError:  # no flock on Windows: writes stay atomic, only concurrency is unguarded
-    fcntl = None
-
 from bench.errors import BenchError
-from bench.fileio import atomic_write
+from bench.fileio import atomic_write, locked
 
 SCHEMA_VERSION = 1
 IDENTITY_FIELDS = ("method", "knobs", "dataset", "split", "checkpoint")
@@ -285,12 +280,8 @@ class ResultsStore:
             raise BenchError(f"cannot write results to folder {self.root}: {e.strerror or e}") from e
         return path
 
-    @contextlib.contextmanager
     def _lock(self):
-        with open(self.root / LOCK_NAME, "a") as f:
-            if fcntl is not None:
-                fcntl.flock(f, fcntl.LOCK_EX)  # released when f is closed
-            yield
+        return locked(self.root / LOCK_NAME)
 
     def _write_atomic(self, path: Path, data: bytes) -> None:
         # through a symlink: its target is rewritten, the link stays a link

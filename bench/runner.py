@@ -26,6 +26,7 @@ from bench.imported import imported_baseline, stored_baseline  # noqa: F401 (par
 from bench.planning import (check_device, check_folder, check_seed, check_ops, describe_plan, pending_ops, plan,  # noqa: F401
                             training_plan, validate)
 from bench.protocol import check_execution, evaluate, speed_entry, time_methods
+from bench.provenance import full_config, write_config
 from bench.results import SCHEMA_VERSION, ResultsStore
 from bench.runspec import (RunOptions, _model_config, _model_depth, _settings, checkpoint_groups,  # noqa: F401
                            checkpoint_path, dataset_spec, eval_images, eval_tokens, fine_tune_config, get_method,
@@ -102,9 +103,13 @@ def train_checkpoint(opts: RunOptions, cfg: TrainConfig, model=None, **train_kwa
                 print(f"note: reusing {path.name}, trained with {payload['threads']} thread(s); this run uses "
                       f"{provenance['threads']} (CPU training rounds differently per thread count)")
             model.load_state_dict(payload["model"])
+            payload.setdefault("train_config", full_config(cfg))  # stored before checkpoints held it
+            if distributed.is_main():
+                write_config(path, cfg)
             return model.eval(), payload
         payload = train(model, dataset, cfg, path, device=device, progress=opts.progress,
-                        provenance={k: v for k, v in provenance.items() if v is not None}, **train_kwargs)
+                        provenance={k: v for k, v in provenance.items() if v is not None},
+                        tensorboard=opts.tensorboard, **train_kwargs)
     return model.eval(), payload
 
 
@@ -310,7 +315,8 @@ def run(opts: RunOptions) -> list[dict]:
             "speed": speed,
             "timing_images": len(timing),
             "seed": opts.seed,
-            "train": {"steps": base_cfg.steps, "config_hash": payload["config"].get("hash")},
+            "train": {"steps": base_cfg.steps, "config_hash": payload["config"].get("hash"),
+                      **({"config": payload["train_config"]} if payload.get("train_config") else {})},
             **{k: v for k, v in (("train_fingerprint", payload.get("train_fingerprint")),
                                  ("train_threads", payload.get("threads"))) if v is not None},
             **({"eval_processes": distributed.world_size()} if distributed.is_distributed() else {}),
@@ -336,5 +342,7 @@ def write_maps(opts: RunOptions, method: MethodSpec, spec, trained, model, val, 
     palette = getattr(val, "palette", None) or [tuple(np.random.default_rng(c).integers(0, 255, 3))
                                                  for c in range(spec.num_classes)]
     path = Path(opts.results) / "figures" / f"{spec.name}-{method.name}-compute-maps"
-    return pause_maps(model, runs, val, indices, path, palette=palette, depth=model.depth, classes=spec.classes)
+    title = f"{spec.name} · {model.depth} blocks, width {model.config.embed_dim}"  # what the maps are of
+    return pause_maps(model, runs, val, indices, path, palette=palette, depth=model.depth, classes=spec.classes,
+                      title=title)
 

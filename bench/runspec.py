@@ -48,6 +48,7 @@ class RunOptions:
     precision: str = "fp32"  # evaluation and timing (training is fp32): fp32, tf32, bf16, fp16
     compile: bool = False  # torch.compile the blocks and decoder for evaluation and timing
     compile_backend: Optional[object] = None  # None: $BENCH_COMPILE_BACKEND or inductor (tests: a cheap one)
+    tensorboard: bool = False  # training also writes TensorBoard events beside its JSONL log
 
 
 def get_method(name: str) -> MethodSpec:

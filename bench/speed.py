@@ -6,14 +6,15 @@ that need trained heads are forced by a declared token schedule instead: per pau
 (exit) layer, the share of the token grid that stays active, spread image to image so
 that batches are ragged (PAUMER's ``schedule`` criterion, early exit's ``stay``: the
 same policy code, gathers, batching and decoder as ``bench run``). ToMe takes its ``r``,
-static its scale. The baseline is timed in the same process, interleaved
+static its scale; every other registered method (ALGM, plugins) runs its own policy on
+the random weights (its heads random too) at its default sweep or the given ``ops``. The baseline is timed in the same process, interleaved
 (``protocol.time_methods``), FLOPs per image come from ``FlopModel``, and one record per
 method goes to ``<results>/speed.jsonl`` (dataset ``speed``). Accuracy is not measured.
 """
 from __future__ import annotations
 
+import copy
 import os
-
 from dataclasses import dataclass, field, replace
 from typing import Optional
 
@@ -28,7 +29,7 @@ from methods.encoder import Policy
 from methods.segmenter import build_model
 
 DATASET = "speed"
-SPEED_METHODS = ("baseline", "paumer", "early-exit", "tome", "static")
+FORCED = ("paumer", "early-exit", "tome", "static")  # operating points from the options below, not --op
 
 
 @dataclass
@@ -38,6 +39,7 @@ class SpeedOptions:
     size: int = 768  # square input, pixels
     batch_sizes: list = field(default_factory=lambda: [1, 8])
     methods: list = field(default_factory=lambda: ["paumer", "tome", "early-exit", "static"])
+    ops: dict = field(default_factory=dict)  # method -> [knobs, ...] for a method not in FORCED (default: its sweep)
     # Operating points; each option takes one value or a list (every one is timed):
     stay: Optional[list] = None  # share of the grid active after each pausing layer (a schedule,
     #                              or a list of schedules); None: default_stay
@@ -82,10 +84,17 @@ def build_runs(opts: SpeedOptions, model) -> dict:
     def add(name, policy, scale, knobs):
         runs[f"{name} {op_label(knobs)}"] = (name, model, policy, scale, knobs)
 
+    from methods import all_methods
+
+    registered = all_methods()
     for name in opts.methods:
-        if name not in SPEED_METHODS:
-            raise BenchError(f"bench speed times {', '.join(SPEED_METHODS)}; got {name!r}")
+        if name not in registered:
+            raise BenchError(f"bench speed times a registered method ({', '.join(registered)}); got {name!r}")
+        if name in FORCED and opts.ops.get(name):
+            raise BenchError(f"bench speed {name}: its operating points come from its own options, not --op")
         try:
+            if name == "baseline":
+                continue  # always timed
             if name in ("paumer", "early-exit"):
                 for stay in schedules:
                     for batching in _values(opts.batching):
@@ -109,9 +118,28 @@ def build_runs(opts: SpeedOptions, model) -> dict:
                     if not 0.0 < scale <= 1.0:
                         raise ValueError(f"scale must be in (0, 1], got {scale}")
                     add(name, Policy(), scale, {"scale": scale})
-        except ValueError as e:
+            else:
+                _add_registered(registered[name], model, opts.ops.get(name) or registered[name].sweep(depth, tokens),
+                                opts.device, runs)
+        except (TypeError, ValueError) as e:
             raise BenchError(f"bench speed {name}: {e}") from None
     return runs
+
+
+def _add_registered(spec, model, ops: list, device: str, runs: dict) -> None:
+    """A registered method's operating points as runs: its trainable built on the random
+    model (``FineTune.build``: heads random, shallow truncated), its own ``make_policy``,
+    the module the protocol runs, as ``bench run`` does."""
+    ft = spec.fine_tune
+    for knobs in ops:
+        trained = model
+        if ft is not None:
+            train_knobs = {k: knobs[k] for k in ft.op_knobs if k in knobs}
+            # on a copy: a build may change the model in place (shallow cuts its blocks)
+            trained = ft.build(copy.deepcopy(model), **ft.knobs, **train_knobs).to(device).eval()
+        policy = spec.make_policy(trained, **knobs)
+        runs[f"{spec.name} {op_label(knobs)}"] = (spec.name, getattr(trained, "segmenter", trained), policy,
+                                                  spec.input_scale(knobs), dict(knobs))
 
 
 def identity(opts: SpeedOptions, name: str, knobs: dict, decoder: str, checkpoint: Optional[str] = None) -> dict:

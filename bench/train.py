@@ -17,7 +17,10 @@ The training log (``log_path``: ``x.pt`` -> ``x.log.jsonl``) has one JSON line e
 ``log_every`` steps: ``{"step", "loss", "lr", "step_time_s"}``, ``step`` the steps done,
 ``loss`` and ``step_time_s`` means over the steps since the previous line, ``lr`` that
 of the last of them. A resumed run first drops the lines past its checkpoint's step
-(they were logged by the killed run and are logged again), then appends.
+(they were logged by the killed run and are logged again), then appends. Lines come
+every ``log_every`` steps only, so a run of fewer steps has no log. ``tensorboard``:
+the same lines as TensorBoard events too (``bench.provenance``). The full configuration
+goes into every checkpoint (``train_config``) and beside it (``x.config.json``).
 """
 from __future__ import annotations
 
@@ -38,6 +41,7 @@ from tqdm import tqdm
 from bench import distributed
 from bench.errors import BenchError
 from bench.fileio import atomic_write
+from bench.provenance import TensorBoardLog, full_config, write_config
 
 IGNORE_INDEX = 255
 # ViT/Segmenter normalisation (timm's augreg ViTs use mean = std = 0.5)
@@ -245,8 +249,8 @@ def log_path(checkpoint: Path) -> Path:
 class TrainingLog:
     """Appends a line every ``every`` steps (see the module notes); ``enabled``: rank 0."""
 
-    def __init__(self, path: Path, every: int, start: int, enabled: bool):
-        self.path, self.every, self.enabled = path, every, enabled
+    def __init__(self, path: Path, every: int, start: int, enabled: bool, tensorboard: Optional[TensorBoardLog] = None):
+        self.path, self.every, self.enabled, self.tensorboard = path, every, enabled, tensorboard
         self.losses: list[float] = []
         self.since = time.perf_counter()
         if enabled:
@@ -280,6 +284,8 @@ class TrainingLog:
                     f.write(json.dumps(entry) + "\n")
             except OSError as e:
                 raise BenchError(f"cannot write the training log {self.path}: {e.strerror or e}") from None
+            if self.tensorboard is not None:
+                self.tensorboard.write(entry)
 
 
 def default_loss(model, images: Tensor, labels: Tensor) -> Tensor:
@@ -312,12 +318,14 @@ def train(
     stop_after: Optional[int] = None,
     log_every: int = 10,
     provenance: Optional[dict] = None,
+    tensorboard: bool = False,
 ) -> dict:
     """Train ``model`` (in place) to ``cfg.steps``, resuming from ``path`` if present.
 
     Returns the final checkpoint payload. ``stop_after`` ends the run early at that step
     (as an interruption would), used by tests of resumption. ``log_every``: steps between
-    lines of the training log (``log_path(path)``). Under torchrun every process
+    lines of the training log (``log_path(path)``); ``tensorboard``: also as events.
+    Under torchrun every process
     calls this with the same arguments (see the module notes); the payload they return
     is the same. ``provenance``: fields the checkpoint also stores (the training split's
     fingerprint, the thread count), outside its configuration and its hash.
@@ -346,6 +354,9 @@ def train(
         optimizer.load_state_dict(payload["optimizer"])
         start = payload["step"]
     if start >= cfg.steps:
+        if rank == 0:
+            write_config(path, cfg)
+        payload.setdefault("train_config", full_config(cfg))  # a checkpoint from before it was stored
         return payload
 
     loader = step_loader(dataset, cfg, start, device=device, num_workers=num_workers)
@@ -371,9 +382,10 @@ def train(
             return None
         payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
                    "config": {**cfg.to_dict(), "hash": cfg.hash()}, "done": step >= cfg.steps,
-                   "weights": weights_hash(model), **(provenance or {})}
+                   "weights": weights_hash(model), "train_config": full_config(cfg), **(provenance or {})}
         if rank == 0:
             save_checkpoint(path, payload)
+            write_config(path, cfg)  # after the checkpoint: no config.json without its checkpoint
         return payload
 
     # the model's input statistics (an imported DeiT's differ; bench's: 0.5 / 0.5)
@@ -383,7 +395,8 @@ def train(
     completed, stepping = start, False
     if log_path(path).is_dir():
         raise BenchError(f"training log {log_path(path)} is a folder; expected a file (or nothing) there")
-    log = TrainingLog(log_path(path), log_every, start, enabled=rank == 0)
+    events = TensorBoardLog(path) if tensorboard and rank == 0 else None
+    log = TrainingLog(log_path(path), log_every, start, enabled=rank == 0, tensorboard=events)
     try:
         for step, (images, labels) in zip(range(start, end), loader):
             # dropout / drop-path: per step, and per process when there are several
@@ -416,6 +429,9 @@ def train(
             checkpoint(completed)
         bar.close()
         raise
+    finally:
+        if events is not None:
+            events.close()
     bar.close()
     model.eval()
     payload = checkpoint(end, final=True)

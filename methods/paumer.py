@@ -117,6 +117,8 @@ class PaumerModel(SegmenterWithHeads):
 
 
 def check_layers(layers: Sequence[int], depth: int) -> None:
+    if depth < 2:  # else the range below is empty: [1, 0]
+        raise ValueError(f"it needs at least 2 encoder blocks (its heads sit after a block, before the last), got {depth}")
     if not layers:
         raise ValueError("at least one pausing layer is needed")
     bad = [l for l in layers if not 1 <= l < depth]

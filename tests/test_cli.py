@@ -75,8 +75,13 @@ def test_run_stores_records_then_resumes_without_duplicates(capsys, tmp_path, to
         assert r["flops_unit"] == "GFLOPs (fvcore, MAC)" and r["checkpoint"] == r["baseline_checkpoint"]
     assert records[1]["gflops"]["mean"] < records[0]["gflops"]["mean"]
     assert abs(records[0]["miou_delta"]) < 1e-9  # scale 1 is the baseline itself
+    # provenance: the full training configuration beside its hash, and beside the checkpoint
+    config = records[0]["train"]["config"]
+    assert config["hash"] == records[0]["train"]["config_hash"] and config["optimizer"] == "adamw"
+    beside = tmp_path / "ck" / "toy" / f"baseline-tiny-{config['hash']}.config.json"
+    assert json.loads(beside.read_text()) == config
     before = (tmp_path / "res" / "toy.jsonl").read_bytes()
-    capsys.readouterr()
+    assert "warning: --repeats 1 times each method once: its speedups are noise" in capsys.readouterr().err
     main(["run", "--method", "static", "--op", "scale=1.0", *common])
     assert "nothing to do" in capsys.readouterr().out
     assert (tmp_path / "res" / "toy.jsonl").read_bytes() == before
@@ -183,7 +188,7 @@ def test_paumer_run_fine_tunes_from_the_baseline_and_is_compared_with_the_equal_
     assert records[0]["tokens_per_block"] == [1.0] * 3
     assert records[1]["gflops"]["mean"] < records[0]["gflops"]["mean"]
     assert (tmp_path / "res" / "figures" / "toy-paumer-compute-maps.png").exists()
-    ckpts = sorted(p.name.rsplit("-", 2)[0] for p in (tmp_path / "ck" / "toy").iterdir())
+    ckpts = sorted(p.name.rsplit("-", 2)[0] for p in (tmp_path / "ck" / "toy").glob("*.pt"))
     assert ckpts == ["baseline", "baseline-ft", "paumer"]  # the control is trained alongside
 
     main(["run", "--method", "baseline-ft", *toy_args(tmp_path)])
@@ -262,3 +267,23 @@ def test_default_sweeps_follow_the_model_and_the_input(tmp_path, toy):
     resized = DatasetSpec("resized", ("a",), DatasetPreset(eval_mode="whole", resize_short=64), "X", "data", None)
     assert eval_tokens(resized, 8, ToyDataset(2, size=32)) == 64
 
+
+
+def test_sweep_runs_every_registered_method_by_default(tmp_path, capsys, toy):
+    from methods import all_methods
+
+    main(["sweep", "--dry-run", "--dataset", "toy", "--folder", str(tmp_path / "sweeps"),
+          "--checkpoints", str(tmp_path / "ck"), "--results", str(tmp_path / "res"), "--quiet"])
+    out = capsys.readouterr().out
+    assert {"algm", "algm-ft"} <= set(all_methods())
+    for name in all_methods():
+        assert f"toy / {name}:" in out, name
+    assert not (tmp_path / "ck").exists()
+
+
+def test_tensorboard_without_the_package_is_one_line_error_before_training(capsys, tmp_path, toy, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if tensorboard were not installed
+    code, _, err = run_cli(capsys, "train", "--tensorboard", "--dataset", "toy", "--checkpoints", str(tmp_path / "ck"),
+                           "--quiet")
+    assert_one_line_error(code, err, "--tensorboard needs the tensorboard package", "pip install tensorboard")
+    assert not list((tmp_path / "ck").rglob("*.pt"))

@@ -56,7 +56,8 @@ def test_study_runs_on_a_named_dataset_stores_records_and_skips_what_is_stored(t
     assert all(r["dataset"] == "idd-lite" and r["method"] == "baseline" and r["train"]["steps"] == r["study"]["steps"]
                and list(r["per_class_iou"]) == list(spec.classes) for r in records)
     assert records[0]["gflops"]["mean"] > records[1]["gflops"]["mean"]  # 2 blocks cost more than 1
-    assert len(list((tmp_path / "ck" / "idd-lite").iterdir())) == 4
+    assert len(list((tmp_path / "ck" / "idd-lite").glob("*.pt"))) == 4
+    assert len(list((tmp_path / "ck" / "idd-lite").glob("*.config.json"))) == 4  # the configuration beside each
 
     before = (tmp_path / "out" / "idd-lite.jsonl").read_bytes()
     depth_study.main(args)  # all stored: nothing trained, evaluated or appended

@@ -183,7 +183,8 @@ def test_two_process_training_writes_one_checkpoint_and_equals_one_process(torch
 
     out, _ = torchrun
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
-    assert ranks[0]["files"] == ranks[1]["files"] == ["ck.pt"]  # one checkpoint, no temporary left
+    # one checkpoint and its configuration, no temporary left
+    assert ranks[0]["files"] == ranks[1]["files"] == ["ck.config.json", "ck.pt"]
     assert ranks[0]["batches"] == ranks[1]["batches"] == [2, 2, 2]  # each its half of the global batch of 4
     assert ranks[0]["weights"] == ranks[1]["weights"] and ranks[0]["done"]
     for k, v in ranks[0]["final"].items():
@@ -206,7 +207,7 @@ def test_two_process_training_writes_one_checkpoint_and_equals_one_process(torch
 def test_bench_run_under_torchrun_writes_each_record_once(torchrun):
     out, proc = torchrun
     assert (out / "rank0.exit").read_text() == "0" and (out / "rank1.exit").read_text() == "0"
-    checkpoints = [p.name for p in (out / "ck" / "synthetic").iterdir()]
+    checkpoints = [p.name for p in (out / "ck" / "synthetic").glob("*.pt")]
     assert len(checkpoints) == 1 and checkpoints[0].startswith("baseline-tiny-") and checkpoints[0].endswith(".pt")
     records = [json.loads(line) for line in (out / "res" / "synthetic.jsonl").read_text().splitlines()]
     assert [r["knobs"] for r in records] == [{"scale": 1.0}, {"scale": 0.5}]

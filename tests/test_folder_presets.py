@@ -65,7 +65,7 @@ def test_two_named_folders_keep_separate_records_and_checkpoints(tmp_path, small
     for name in ("alpha", "beta"):
         (record,) = [json.loads(line) for line in (tmp_path / "res" / f"{name}.jsonl").read_text().splitlines()]
         assert record["dataset"] == name
-        assert [p.name.split("-")[0] for p in (tmp_path / "ck" / name).iterdir()] == ["baseline"]
+        assert [p.name.split("-")[0] for p in (tmp_path / "ck" / name).glob("*.pt")] == ["baseline"]
     assert not (tmp_path / "res" / "folder.jsonl").exists() and not (tmp_path / "ck" / "folder").exists()
 
 

@@ -9,6 +9,7 @@ import pytest
 
 from bench import runner
 from bench.errors import BenchError
+from bench.fileio import locked
 from bench.results import ResultsStore, record_identity
 
 
@@ -106,6 +107,29 @@ def test_concurrent_appends_lose_nothing(tmp_path):
     for pid in pids:
         os.waitpid(pid, 0)
     assert len(ResultsStore(tmp_path).load()) == 40
+
+
+def test_locked_excludes_another_process_and_times_out_as_a_bench_error(tmp_path):
+    lock = tmp_path / ".lock"
+    ready, done = os.pipe(), os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: hold the lock until the parent has tried
+        try:
+            with locked(lock):
+                os.write(ready[1], b"x")
+                os.read(done[0], 1)
+        finally:
+            os._exit(0)
+    os.read(ready[0], 1)
+    try:
+        with pytest.raises(BenchError, match=r"could not lock .*\.lock within 0.05 s"):
+            with locked(lock, timeout=0.05):
+                pass
+    finally:
+        os.write(done[1], b"x")
+        os.waitpid(pid, 0)
+    with locked(lock, timeout=1):  # free again once the holder left
+        pass
 
 
 def test_unwritable_folder_is_a_bench_error(tmp_path):

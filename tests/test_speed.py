@@ -52,8 +52,28 @@ def test_bench_speed_writes_one_record_per_method_with_flops_and_speedups(tmp_pa
 def test_bench_speed_refuses_sizes_that_do_not_fit_the_patch(tmp_path):
     with pytest.raises(BenchError, match="multiple of the patch"):
         run_speed(SpeedOptions(model="tiny", size=30, methods=[], timing_images=1, results=str(tmp_path)))
-    with pytest.raises(BenchError, match="bench speed times"):
+    with pytest.raises(BenchError, match="bench speed times a registered method .*algm.*; got 'algmx'"):
         run_speed(SpeedOptions(model="tiny", size=32, methods=["algmx"], timing_images=1, results=str(tmp_path)))
+
+
+def test_every_registered_method_is_timed_at_its_ops_or_its_sweep(tmp_path, capsys):
+    from bench.cli import main
+
+    args = ["speed", "--model", "tiny", "--size", "32", "--batch-size", "2", "--method", "algm,algm-ft,shallow",
+            "--op", "algm:threshold=-1.0", "--op", "algm-ft:threshold=1.01", "--op", "shallow:depth=2",
+            "--timing-images", "2", "--warmup", "0", "--repeats", "1", "--results", str(tmp_path)]
+    main(args)
+    assert "--repeats 1 times each method once: its speedups are noise" in capsys.readouterr().err
+    by = {r["method"]: r for r in map(json.loads, (tmp_path / "speed.jsonl").read_text().splitlines())}
+    assert set(by) == {"baseline", "algm", "algm-ft", "shallow"}
+    # merging every window computes fewer tokens than merging none (its global merge only)
+    assert by["algm"]["gflops_ratio"] < 0.5 < by["algm-ft"]["gflops_ratio"]
+    assert by["shallow"]["knobs"] == {"depth": 2} and by["shallow"]["gflops_ratio"] < 0.5
+    assert by["baseline"]["tokens_per_block"] == [1.0] * 6  # the baseline kept its blocks
+    with pytest.raises(SystemExit) as exit_:  # a forced method's points come from its own options
+        main(["speed", "--model", "tiny", "--size", "32", "--method", "tome", "--op", "tome:r=2",
+              "--results", str(tmp_path)])
+    assert exit_.value.code == 2 and "its own options, not --op" in capsys.readouterr().err
 
 
 def test_report_tabulates_and_plots_speed_records(tmp_path):

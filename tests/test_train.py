@@ -55,6 +55,29 @@ def test_corrupt_checkpoint_is_a_one_line_error(tmp_path, toy_dataset):
     assert path.read_bytes() == b"not a checkpoint"  # left for the user to inspect
 
 
+def test_checkpoint_and_config_json_hold_the_full_configuration_and_the_hash_is_unchanged(tmp_path, toy_dataset):
+    import json
+
+    from bench.provenance import config_path, full_config
+
+    cfg = config(steps=2)
+    assert cfg.hash() == TrainConfig(**{**cfg.__dict__}).hash() and "optimizer" not in cfg.to_dict()  # old hash form
+    payload = train(fresh_model(cfg), toy_dataset, cfg, tmp_path / "a.pt", progress=False)
+    stored = load_checkpoint(tmp_path / "a.pt")
+    assert stored["train_config"] == payload["train_config"] == full_config(cfg)
+    assert stored["train_config"]["optimizer"] == "adamw" and stored["train_config"]["hash"] == cfg.hash()
+    assert TrainConfig(**{k: v for k, v in stored["train_config"].items() if k != "hash"}).hash() == cfg.hash()
+    assert json.loads(config_path(tmp_path / "a.pt").read_text()) == full_config(cfg)
+    assert config_path(tmp_path / "a.pt").name == "a.config.json"
+
+
+def test_tensorboard_events_beside_the_log_when_installed(tmp_path, toy_dataset):
+    pytest.importorskip("tensorboard", reason="tensorboard is an optional extra, not installed here")
+    cfg = config(steps=10)
+    train(fresh_model(cfg), toy_dataset, cfg, tmp_path / "a.pt", progress=False, tensorboard=True)
+    assert list((tmp_path / "a.tb").glob("events.out.tfevents.*"))
+
+
 def test_learning_rate_warms_up_then_decays():
     cfg = config(steps=100, warmup_steps=10, lr=1.0)
     lrs = [learning_rate(cfg, s) for s in range(100)]

@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 from bench.errors import BenchError
 from bench.fileio import atomic_write
 from bench.report.figures import WIDTHS, figure_style, save_figure, series_styles, tokens_figure, tradeoff_figure
+from bench.report.readme import update_readme
 from bench.report.records import usable_records
+from bench.report.style import context_line
 from bench.report.speed import speed_report
 from bench.report.study import study_report
 from bench.report.tables import (
@@ -26,7 +29,9 @@ from bench.report.training import training_figure, training_logs
 
 
 def report(results: str = "results", out: str = "reports", width: str = "text",
-           checkpoints: str = "checkpoints") -> list[Path]:
+           checkpoints: str = "checkpoints", readme: Optional[str] = None) -> list[Path]:
+    """Every dataset's tables and figures and the index under ``out``; ``readme``: a
+    Markdown file whose marked fact blocks (``bench.report.readme``) are rewritten."""
     from bench.datasets import DATASETS
 
     if width not in WIDTHS:
@@ -79,7 +84,7 @@ def report(results: str = "results", out: str = "reports", width: str = "text",
             styles = series_styles(df["series"])
             for name, sub in groups:
                 stem = f"{dataset}-{_slug(name)}" if len(groups) > 1 else dataset
-                fig = tradeoff_figure(sub, dataset, width, styles)
+                fig = tradeoff_figure(sub, dataset, width, styles, context_line(sub.to_dict("records"), dataset))
                 files += save_figure(fig, out_dir / f"{stem}-tradeoff")
                 plt.close(fig)
                 fig = tokens_figure([r for r in mine if labels[group_key(r)] == name], width)
@@ -88,7 +93,7 @@ def report(results: str = "results", out: str = "reports", width: str = "text",
                     plt.close(fig)
             logs = training_logs(mine, Path(checkpoints), labels)
             if logs:
-                fig = training_figure(logs, width)
+                fig = training_figure(logs, width, context_line(mine, dataset))
                 files += save_figure(fig, out_dir / f"{dataset}-training")
                 plt.close(fig)
             else:
@@ -113,4 +118,6 @@ def report(results: str = "results", out: str = "reports", width: str = "text",
         print(note)
         index += [note, ""]
     written.append(_write_text(out_dir / "README.md", "\n".join(index)))
+    if readme is not None and update_readme(Path(readme), records):
+        written.append(Path(readme))
     return written

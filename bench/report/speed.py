@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from bench.report.figures import WIDTHS, figure_style, save_figure
+from bench.report.figures import WIDTHS, _caption, figure_style, save_figure
+from bench.report.style import method_color, series_marker
 from bench.report.tables import _md_table, _write_csv, _write_text
 from bench.results import op_label, record_precision
 
@@ -48,14 +49,58 @@ def speed_report(records: list[dict], out_dir: Path, width: str = "text") -> lis
     md += _md_table(speed_summary(df), "{:.2f}") + ["", "Every record and batch size:", ""] + _md_table(df, "{:.3f}")
     files = [_write_text(out_dir / "speed.md", "\n".join(md) + "\n"), _write_csv(out_dir / "speed.csv", df)]
     with figure_style() as plt:
-        fig, ax = plt.subplots(figsize=(WIDTHS[width], 0.7 * WIDTHS[width]))
-        top = max(1.0, float((1 / df["gflops_ratio"]).max()), float(df["speedup"].max())) * 1.05
-        ax.plot([0, top], [0, top], "k--", lw=0.8, label="y = x (every saved FLOP becomes time)")
-        for (method, bs), sub in df.groupby(["method", "batch"]):
-            ax.scatter(1 / sub["gflops_ratio"], sub["speedup"], label=f"{method} b{bs}", s=14)
-        ax.set_xlabel("FLOPs speedup (baseline GFLOPs / method's)")
-        ax.set_ylabel("speedup over the baseline")
-        ax.legend(fontsize="small")
+        fig = speed_figure(df, width)
         files += save_figure(fig, out_dir / "speed-speedup")
         plt.close(fig)
     return files
+
+
+BATCH_FILL = ("full", "none")  # first batch size filled markers, the next hollow
+
+
+def speed_figure(df: pd.DataFrame, width: str = "text"):
+    """Measured speedup against the FLOPs speedup, one panel per setting (model, decoder,
+    input size, device, precision, compile): the panel's title names it. Colour: the
+    method's (``bench.report.style``); marker: the method's, filled at the smallest batch
+    size and hollow at the next ones; y = x where every saved FLOP becomes time."""
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    keys = ["model", "decoder", "size", "device", "precision", "compile"]
+    settings = list(df.groupby(keys, sort=True, dropna=False))
+    w = WIDTHS[width]
+    cols = 1 if width == "column" else min(len(settings), 3)
+    rows = -(-len(settings) // cols)
+    side = min(w / cols, 3.0)
+    fig, axes = plt.subplots(rows, cols, figsize=(w, rows * side * 0.95 + 0.45), squeeze=False, layout="constrained")
+    batches = sorted(df["batch"].unique())
+    fills = {bs: "full" if i == 0 else "none" for i, bs in enumerate(batches)}
+    for ax, (key, sub) in zip(axes.flat, settings):
+        setting = dict(zip(keys, key))
+        top = max(1.0, float((1 / sub["gflops_ratio"]).max()), float(sub["speedup"].max())) * 1.05
+        ax.plot([0, top], [0, top], "k--", lw=0.8)
+        for (method, bs), points in sub.groupby(["method", "batch"], sort=True):
+            color = method_color(method)
+            ax.plot(1 / points["gflops_ratio"], points["speedup"], linestyle="none", marker=series_marker(method),
+                    markersize=4, color=color, markeredgecolor=color,
+                    markerfacecolor=color if fills[bs] == "full" else "white", markeredgewidth=0.9)
+        ax.set_xlim(0, top)
+        ax.set_ylim(0, top)
+        ax.set_aspect("equal")
+        compiled = ", compiled" if setting["compile"] else ""
+        ax.set_title(f"{setting['model']} ({setting['decoder']}), {setting['size']}x{setting['size']}\n"
+                     f"{setting['device']}, {setting['precision']}{compiled}")
+        ax.set_xlabel("FLOPs speedup (baseline GFLOPs / method's)")
+        ax.set_ylabel("measured speedup")
+    for ax in list(axes.flat)[len(settings):]:
+        ax.axis("off")
+    methods = sorted(df["method"].unique())
+    handles = [Line2D([], [], linestyle="none", marker=series_marker(m), color=method_color(m), label=m)
+               for m in methods]
+    handles += [Line2D([], [], linestyle="none", marker="o", color="black",
+                       markerfacecolor="black" if fills[bs] == "full" else "white", label=f"batch {bs}")
+                for bs in batches]
+    handles.append(Line2D([], [], color="black", linestyle="--", lw=0.8, label="y = x: saved FLOPs all become time"))
+    fig.legend(handles=handles, loc="outside lower center", ncol=2 if width == "column" else 5, frameon=False)
+    _caption(fig, "bench speed · random weights and images, decisions forced by a token schedule", width)
+    return fig

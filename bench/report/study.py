@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from bench.report.figures import MARKERS, WIDTHS, figure_style, save_figure
+from bench.report.figures import MARKERS, WIDTHS, _caption, figure_style, save_figure
+from bench.report.style import context_line
 from bench.report.tables import _md_table, _write_csv, _write_text
 
 
@@ -43,8 +44,10 @@ def study_report(records: list[dict], dataset: str, out_dir: Path, width: str = 
     stem = f"{dataset}-depth-study"
     files = [_write_text(out_dir / f"{stem}.md", "\n".join(md) + "\n"), _write_csv(out_dir / f"{stem}.csv", df)]
     with figure_style() as plt:
-        w = WIDTHS[width]
-        fig, ax = plt.subplots(figsize=(w, 0.35 * w if width == "text" else 0.7 * w), layout="constrained")
+        steps = sorted({int(r["study"]["steps"]) for r in records})
+        # a few budgets: a column-wide figure even at text width (two points need no page)
+        w = WIDTHS["column"] if len(steps) <= 4 else WIDTHS[width]
+        fig, ax = plt.subplots(figsize=(w, 0.7 * w if w < 5 else 0.35 * w), layout="constrained")
         def line_of(r):
             return r.get("model"), int(r["study"]["depth"]), _study_setting(r)
 
@@ -56,12 +59,12 @@ def study_report(records: list[dict], dataset: str, out_dir: Path, width: str = 
             ax.plot([s for s, _ in mine], [m for _, m in mine], marker=MARKERS[i % len(MARKERS)],
                     color=f"C{i % 10}", label=label)
         ax.set_xscale("log")
-        steps = sorted({int(r["study"]["steps"]) for r in records})
         ax.set_xticks(steps, [f"{s:,}" for s in steps])
         ax.minorticks_off()
         ax.set_xlabel("training steps (from scratch)")
         ax.set_ylabel("mIoU (%)")
         ax.legend(frameon=False)
+        _caption(fig, context_line(records, dataset) + " · trained from scratch", "column" if w < 5 else width)
         files += save_figure(fig, out_dir / stem)
         plt.close(fig)
     return files

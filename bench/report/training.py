@@ -72,23 +72,81 @@ def read_training_log(path: Path) -> pd.DataFrame:
     return pd.DataFrame(sorted(entries.items()), columns=["step", "loss"])
 
 
-def training_figure(logs: list[tuple[str, Path]], width: str = "text"):
+def _loss_kind(method: str) -> str:
+    """"segmentation": the plain pixel loss; "with head loss": plus a weighted head term
+    (a fine-tune whose training knobs have ``head_weight``: PAUMER, early exit)."""
+    from methods import all_methods
+
+    ft = getattr(all_methods().get(method), "fine_tune", None)
+    return "with head loss" if ft is not None and "head_weight" in ft.knobs else "segmentation"
+
+
+def _group_of(label: str) -> str:
+    """The "(group)" suffix of a label when a dataset has several baseline groups."""
+    return label[label.rfind(" ("):] if label.endswith(")") and " (" in label else ""
+
+
+def training_curves(logs: list[tuple[str, Path]]) -> list[dict]:
+    """Each log as a curve: label, method, loss kind, steps on one axis (a fine-tune's
+    continue after its baseline's last logged step, as its training did), losses, and
+    the first logged step of the checkpoint's own count."""
+    curves = []
+    for label, path in logs:
+        curve = read_training_log(path)
+        if len(curve):
+            method = label.split(" ")[0]
+            curves.append({"label": label, "method": method, "kind": _loss_kind(method), "group": _group_of(label),
+                           "step": curve["step"].astype(float), "loss": curve["loss"], "first": int(curve["step"].iloc[0])})
+    ends = {c["group"]: float(c["step"].iloc[-1]) for c in curves if c["method"] == "baseline"}
+    for c in curves:
+        c["offset"] = ends.get(c["group"], 0.0) if c["method"] != "baseline" else 0.0
+    return curves
+
+
+def training_figure(logs: list[tuple[str, Path]], width: str = "text", caption: str = ""):
+    """Training loss against step: one panel per kind of loss (the plain segmentation
+    loss, and losses with a head term, which are not comparable with it); fine-tunes
+    drawn from the baseline's last step on; colour the method's (``bench.report.style``);
+    a curve whose log starts late says so in its label."""
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
+    from bench.report.figures import _caption
+    from bench.report.style import method_color
+
+    curves = training_curves(logs)
+    kinds = [k for k in ("segmentation", "with head loss") if any(c["kind"] == k for c in curves)] or ["segmentation"]
     w = WIDTHS[width]
-    rows = math.ceil(len(logs) / (1 if width == "column" else 2))
-    fig, ax = plt.subplots(figsize=(w, (0.3 * w if width == "text" else 0.65 * w) + 0.5 + 0.14 * rows),
-                           layout="constrained")
-    for i, (label, path) in enumerate(logs):
-        curve = read_training_log(path)
-        if len(curve):
-            ax.plot(curve["step"], curve["loss"], label=label, linewidth=0.8, color=f"C{i % 10}")
-    ax.set_yscale("log")
-    ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
-    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))  # 0.5, not 5x10^-1
-    ax.yaxis.set_minor_formatter(NullFormatter())
-    ax.set_xlabel("training step (of that checkpoint)")
-    ax.set_ylabel("training loss")
-    fig.legend(loc="outside lower center", ncol=1 if width == "column" else 2, frameon=False)
+    cols = 1 if width == "column" else len(kinds)
+    rows = math.ceil(len(kinds) / cols)
+    panel_h = 0.3 * w if width == "text" else 0.6 * w
+    fig, axes = plt.subplots(rows, cols, figsize=(w, rows * panel_h + 0.6 + 0.13 * len(curves) / (3 if cols > 1 else 2)),
+                             squeeze=False, layout="constrained")
+    dashes = ["-", (0, (4, 1.5)), (0, (1.5, 1)), (0, (6, 1.5, 1.5, 1.5))]
+    seen: dict[str, int] = {}
+    for ax, kind in zip(axes.flat, kinds):
+        mine = [c for c in curves if c["kind"] == kind]
+        for c in mine:
+            color = method_color(c["method"])  # the baseline and its control share black: dashes apart
+            n = seen.setdefault(c["label"], sum(1 for x in seen if method_color(x.split(" ")[0]) == color))
+            late = f" (logged from step {c['first']:,})" if c["first"] > 20 else ""
+            ax.plot(c["step"] + c["offset"], c["loss"], label=c["label"] + late, linewidth=0.8,
+                    color=method_color(c["method"]), linestyle=dashes[n % len(dashes)])
+        ax.set_yscale("log")
+        losses = pd.concat([c["loss"] for c in mine]) if mine else pd.Series([1.0])
+        decades = math.log10(max(losses.max(), 1e-12) / max(losses.min(), 1e-12))
+        subs = (1, 1.5, 2, 3, 4, 5, 6, 7, 8, 9) if decades < 1 else (1, 2, 3, 5, 7) if decades < 2 else (1, 2, 5)
+        ax.yaxis.set_major_locator(LogLocator(subs=subs))  # at least 4 labels, however narrow the range
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))  # 0.5, not 5x10^-1
+        ax.yaxis.set_minor_formatter(NullFormatter())
+        offsets = sorted({c["offset"] for c in mine if c["offset"]})
+        for x in offsets:
+            ax.axvline(x, color="grey", linewidth=0.6, linestyle=":", zorder=0)
+        ax.set_title("segmentation loss" if kind == "segmentation" else "segmentation + weighted head loss")
+        ax.set_xlabel("training step (fine-tunes after the baseline's)" if offsets else "training step")
+        ax.set_ylabel("training loss")
+        ax.legend(loc="best", frameon=True, framealpha=0.85, edgecolor="none")
+    for ax in list(axes.flat)[len(kinds):]:
+        ax.axis("off")
+    _caption(fig, caption, width)
     return fig
