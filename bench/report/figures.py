@@ -88,7 +88,7 @@ def _grid(n: int, width: str, max_text_cols: int, max_column_rows: int = 1) -> t
 def tradeoff_figure(df: pd.DataFrame, dataset: str, width: str = "text", styles: Optional[dict] = None):
     """mIoU against GFLOPs and against the same-run speedup at each stored batch size:
     one line per series joined in the order of its swept knob, the speedup's
-    interquartile range as error bars where stored, the Pareto front ringed."""
+    interquartile range and mIoU's 95% interval as error bars where stored, the Pareto front ringed."""
     import matplotlib.pyplot as plt
 
     styles = styles or series_styles(df["series"])
@@ -115,6 +115,11 @@ def tradeoff_figure(df: pd.DataFrame, dataset: str, width: str = "text", styles:
                 continue
             style = dict(styles[name], markersize=styles[name]["markersize"] * shrink)
             ax.plot(points[x], points["mIoU"], label=POINTS.get(name, name), **style)
+            if "mIoU low" in points:  # the 95% paired bootstrap interval of mIoU, where known
+                ci = points[points["mIoU low"].notna() & points["mIoU high"].notna()]
+                if len(ci):
+                    ax.errorbar(ci[x], ci["mIoU"], yerr=[ci["mIoU"] - ci["mIoU low"], ci["mIoU high"] - ci["mIoU"]],
+                                fmt="none", ecolor=style["color"], elinewidth=0.6, capsize=1.2, zorder=2)
             if bs is not None:
                 low, high = points[f"speedup b{bs} p25"], points[f"speedup b{bs} p75"]
                 has = low.notna() & high.notna()
