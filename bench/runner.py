@@ -266,6 +266,12 @@ def run(opts: RunOptions) -> list[dict]:
             **env,
         }
         records.append(record)
+    if records:  # the baseline's and the control's too, so `bench report` can recompute the deltas' intervals
+        per_image.write_counts(opts.results, per_image.companion(records[0], "baseline", base_payload.get("weights")),
+                               *base_eval["per_image"])
+        if control is not None:
+            per_image.write_counts(opts.results, per_image.companion(records[0], CONTROL, control["checkpoint"]),
+                                   *control["per_image"])
     for record, result in zip(records, evals):
         per_image.write_counts(opts.results, record, *result["per_image"])  # before its record: never one without
         store.append(record, replace=opts.replace)
