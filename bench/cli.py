@@ -163,15 +163,9 @@ def run(method, ops, limit, replace, timing_images, repeats, seeds, dry_run, **k
 
 
 def _seeds(text, kw: dict) -> list[int]:
-    """--seeds 0,1,2 as a list (validated before any work); without it, --seed alone."""
-    if text is None:
-        return [kw["seed"]]
-    if kw["seed"] != 0:
-        raise BenchError("give --seed or --seeds, not both")
-    seeds = _numbers("--seeds", text, int)
-    if len(set(seeds)) != len(seeds):
-        raise BenchError(f"--seeds {text!r}: each seed once, e.g. 0,1,2")
-    return seeds
+    from bench.runner import parse_seeds
+
+    return parse_seeds(text, kw["seed"])
 
 
 def _dataset_name(opts) -> str:

@@ -281,6 +281,21 @@ def run(opts: RunOptions) -> list[dict]:
     return records
 
 
+def parse_seeds(text: Optional[str], seed: int = 0) -> list[int]:
+    """``--seeds 0,1,2`` as a list, checked before any work; without it, ``[seed]``."""
+    if text is None:
+        return [seed]
+    if seed != 0:
+        raise BenchError("give --seed or --seeds, not both")
+    try:
+        seeds = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise BenchError(f"--seeds takes comma-separated int values, e.g. 0,1,2; got {text!r}") from None
+    if len(set(seeds)) != len(seeds):
+        raise BenchError(f"--seeds {text!r}: each seed once, e.g. 0,1,2")
+    return seeds
+
+
 def run_seeds(opts: RunOptions, seeds: Optional[list] = None) -> list[dict]:
     """``run`` once per training seed (``--seeds 0,1,2``): each seed trains its own
     baseline and checkpoints (the seed is part of their configuration, so of the records'

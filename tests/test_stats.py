@@ -116,3 +116,13 @@ def test_interpolation_reads_every_resample_at_once():
     xs = [0.4, 0.6]
     ys = np.array([[1.0, 2.0], [3.0, 6.0]])  # (points, resamples)
     assert stats.interpolate(xs, ys, 0.5).tolist() == [2.0, 4.0]
+
+
+def test_a_record_of_one_image_gets_no_interval_rather_than_a_crash():
+    from bench.per_image import intervals
+
+    one = (np.array([[3, 1]]), np.array([[4, 2]]))
+    assert intervals(one, one, None) == {}
+    _, _, (inter, union) = random_counts()
+    two = (inter.numpy(), union.numpy())
+    assert set(intervals(two, two, None)) == {"miou_ci", "miou_delta_ci"}  # no control: no control interval
