@@ -39,7 +39,8 @@ def record(method, knobs, ratio, accuracy, seed=0, speedup=None):
 
 CURVES = [("baseline", {}, 1.0, 0.80), ("baseline-ft", {}, 1.0, 0.85), ("shallow", {"depth": 2}, 0.4, 0.70),
           ("shallow", {"depth": 4}, 0.7, 0.80), ("static", {"scale": 0.5}, 0.3, 0.5),
-          ("paumer", {"tau": 0.1}, 0.9, 0.84), ("paumer", {"tau": 0.5}, 0.6, 0.82), ("paumer", {"tau": 1.0}, 0.45, 0.60)]
+          ("paumer", {"tau": 0.1}, 0.9, 0.84), ("paumer", {"tau": 0.5}, 0.6, 0.82),
+          ("paumer", {"tau": 1.0}, 0.45, 0.60)]
 
 
 def store(tmp_path, seeds=(0,), sidecars=True):

@@ -135,6 +135,9 @@ def report(results: str = "results", out: str = "reports", width: str = "text",
         commits = sorted({str(r.get("git_commit"))[:7] for r in mine})
         index += [f"## {dataset}", "",
                   f"{len(mine)} records, {df['method'].nunique()} methods, git commit(s) {', '.join(commits)}.", ""]
+        if (out_dir / f"{dataset}-iso-budget.md") in files:
+            index += [f"Headline: [{dataset}-iso-budget.md]({dataset}-iso-budget.md), each method at fixed budgets "
+                      "with its interval, against the best reference.", ""]
         if len(groups) > 1:
             index += [f"{len(groups)} baseline groups (own Pareto fronts, figures named after the group): "
                       + "; ".join(name for name, _ in groups) + ".", ""]

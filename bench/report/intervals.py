@@ -76,7 +76,8 @@ def seed_rows(records: list[dict], resamples: Resamples, family_labels: dict[str
         if all(d is not None for d in draws) and len({len(d) for d in draws}) == 1:
             ci = stats.interval(stats.combine_seeds(np.stack(draws)))
         deltas = [r.get("miou_delta") for r in recs]
-        delta = stats.seed_summary(deltas) if all(d is not None for d in deltas) else {"mean": math.nan, "std": math.nan}
+        known = all(d is not None for d in deltas)
+        delta = stats.seed_summary(deltas) if known else {"mean": math.nan, "std": math.nan}
         rows.append({"group": family_labels.get(fam, fam), "method": method, "op": op,
                      "seeds": ",".join(map(str, seeds)), "mIoU mean": 100 * miou["mean"], "mIoU std": 100 * miou["std"],
                      "mIoU low": 100 * ci[0], "mIoU high": 100 * ci[1], "ΔmIoU mean": 100 * delta["mean"],

@@ -107,14 +107,17 @@ def iso_budget_rows(records: list[dict], resamples: Resamples, family_labels: di
                 ci = stats.interval(value["resamples"]) if value["resamples"] is not None else [math.nan] * 2
                 row = {"group": family_labels.get(fam, fam), "series": name, "budget": column, "axis": axis,
                        "at": at, "seeds": ",".join(map(str, value["seeds"])), "mIoU": 100 * value["miou"],
-                       "mIoU low": 100 * ci[0], "mIoU high": 100 * ci[1], "reference": "", "reference mIoU": math.nan,
-                       "Δ low": math.nan, "Δ high": math.nan, "verdict": "reference" if name in REFERENCES else ""}
+                       "mIoU low": 100 * ci[0], "mIoU high": 100 * ci[1], "reference": "",
+                       "reference mIoU": math.nan, "Δ": math.nan, "Δ low": math.nan, "Δ high": math.nan,
+                       "verdict": "reference" if name in REFERENCES else ""}
                 if best is not None and name not in REFERENCES:
                     ref_name, ref = best
-                    row.update({"reference": ref_name, "reference mIoU": 100 * ref["miou"]})
+                    row.update({"reference": ref_name, "reference mIoU": 100 * ref["miou"],
+                                "Δ": 100 * (value["miou"] - ref["miou"])})
                     if value["resamples"] is not None and ref["resamples"] is not None:
                         delta = stats.interval(value["resamples"] - ref["resamples"])
-                        row.update({"Δ low": 100 * delta[0], "Δ high": 100 * delta[1], "verdict": stats.verdict(delta)})
+                        row.update({"Δ low": 100 * delta[0], "Δ high": 100 * delta[1],
+                                    "verdict": stats.verdict(delta)})
                 rows.append(row)
     return rows
 
