@@ -51,11 +51,21 @@ class Tolerance:
 
 SAME_WEIGHTS = Tolerance(miou_abs=1e-4, gflops_rel=1e-9)
 OTHER_WEIGHTS = Tolerance(miou_abs=0.005, gflops_rel=0.01)
-
-
 # identity fields a fresh record may differ in from the reference: its weights, and the
 # data fingerprint (the reference may predate it; synthetic is generated, so it is the same)
 UNCOMPARED = ("checkpoint", "data_fingerprint")
+
+
+def interval_tolerance(ref: dict, tol: Tolerance, same_weights: bool) -> tuple[Tolerance, str]:
+    """Retrained weights (another CPU's rounding) may move mIoU by what other images
+    would: where the reference stores its 95% bootstrap interval (``miou_ci``), the
+    tolerance is the interval's lower half-width (never tighter than ``tol``), and the
+    row says so. Bit-identical weights keep the tight bound: their mIoU cannot move."""
+    ci = ref.get("miou_ci")
+    if same_weights or not (isinstance(ci, list) and len(ci) == 2 and ci[0] is not None):
+        return tol, ""
+    half = ref["miou"] - ci[0]
+    return Tolerance(max(tol.miou_abs, half), tol.gflops_rel, tol.speedup_rel), " (stored 95% interval)"
 
 
 def _key(record: dict) -> str:
@@ -92,11 +102,12 @@ def compare(stored: list[dict], fresh: list[dict]) -> list[dict]:
             rows.append({"point": name, "metric": "record", "stored": "stored", "fresh": "missing",
                          "tolerance": "", "verdict": "MISSING"})
             continue
-        tol = SAME_WEIGHTS if new.get("checkpoint") == ref.get("checkpoint") else OTHER_WEIGHTS
+        same = new.get("checkpoint") == ref.get("checkpoint")
+        tol, source = interval_tolerance(ref, SAME_WEIGHTS if same else OTHER_WEIGHTS, same)
         drop = ref["miou"] - new["miou"]
         verdict = "REGRESSION" if drop > tol.miou_abs else ("better" if -drop > tol.miou_abs else "ok")
         rows.append({"point": name, "metric": "mIoU", "stored": f"{100 * ref['miou']:.2f}",
-                     "fresh": f"{100 * new['miou']:.2f}", "tolerance": f"-{100 * tol.miou_abs:.2g} pt",
+                     "fresh": f"{100 * new['miou']:.2f}", "tolerance": f"-{100 * tol.miou_abs:.2g} pt{source}",
                      "verdict": verdict})
         g_ref, g_new = ref["gflops"]["mean"], new["gflops"]["mean"]
         moved = abs(g_new - g_ref) > tol.gflops_rel * g_ref

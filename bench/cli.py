@@ -62,6 +62,9 @@ def measure_options(f):
                      help="pre-loaded validation images that throughput is timed on"),
         click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True,
                      help="timed repeats (median reported), after 2 warm-up passes"),
+        click.option("--seeds", default=None,
+                     help="comma-separated training seeds, e.g. 0,1,2: each trained and evaluated as its own "
+                          "checkpoints and records (instead of --seed)"),
     ]
     for option in reversed(options):
         f = option(f)
@@ -133,20 +136,24 @@ def cli():
 @click.option("--op", "ops", multiple=True, help="operating point, e.g. 'tau=0.2' (repeatable; default: the method's sweep)")
 @measure_options
 @common_options
-def run(method, ops, limit, replace, timing_images, repeats, dry_run, **kw):
+def run(method, ops, limit, replace, timing_images, repeats, seeds, dry_run, **kw):
     """Train (or reuse) the checkpoints, evaluate the method's operating points and the
     baseline in one process, and append the records to the results folder.
     Under torchrun: training and evaluation are shared by the processes, timing is rank 0's."""
-    from bench.runner import describe_plan, get_method, parse_op, plan, run as run_method
+    from dataclasses import replace as with_seed
+
+    from bench.runner import describe_plan, get_method, parse_op, plan, run_seeds
 
     spec = get_method(method)
+    seed_list = _seeds(seeds, kw)
     opts = _options(launch=not dry_run, method=method, ops=[parse_op(spec, o) for o in ops] or None, limit=limit,
                     replace=replace, timing_images=timing_images, repeats=repeats, **kw)
     if dry_run:
         click.echo("dry run: nothing is trained, measured or written")
-        click.echo("\n".join(describe_plan(plan(opts))))
+        for seed in seed_list:
+            click.echo("\n".join(describe_plan(plan(with_seed(opts, seed=seed)))))
         return
-    records = run_method(opts)
+    records = run_seeds(opts, seed_list)
     if not _is_main():
         return
     for r in records:
@@ -164,6 +171,12 @@ def run(method, ops, limit, replace, timing_images, repeats, dry_run, **kw):
         click.echo(f"nothing to do: every operating point is already in {stored} "
                    "for this checkpoint, image count, device, precision, batch sizes and evaluation settings "
                    "(--replace measures them again)")
+
+
+def _seeds(text, kw: dict) -> list[int]:
+    from bench.runner import parse_seeds
+
+    return parse_seeds(text, kw["seed"])
 
 
 def _dataset_name(opts) -> str:
@@ -289,7 +302,7 @@ def train(method, ops, **kw):
 @measure_options
 @common_options
 def sweep(methods, ops, cluster, folder, partition, gpus_per_node, cpus_per_task, mem_gb, time_min, slurm_params,
-          wait, limit, replace, timing_images, repeats, dry_run, **kw):
+          wait, limit, replace, timing_images, repeats, seeds, dry_run, **kw):
     """Run several methods on one or more datasets (--dataset a,b) as submitit jobs:
     the baseline checkpoint of each dataset first, then one job per method and dataset.
     Resumable: run the same command again and only what is missing runs."""
@@ -305,14 +318,20 @@ def sweep(methods, ops, cluster, folder, partition, gpus_per_node, cpus_per_task
         if not sep or not key:
             raise BenchError(f"bad --slurm-param {text!r}: expected KEY=VALUE, e.g. account=abc")
         extra[key] = value
+    seed_list = _seeds(seeds, kw)
     dataset_names = [d.strip() for d in kw.pop("dataset").split(",") if d.strip()]
     if not dataset_names:
         raise BenchError("--dataset: expected one or more dataset names, e.g. synthetic,cityscapes")
     base = _options(launch=False, check_device=cluster == "local", dataset=dataset_names[0], limit=limit,
                     replace=replace, timing_images=timing_images, repeats=repeats, **kw)
-    reports = run_sweep(base, names, dataset_names, by_method, cluster=cluster, folder=folder,
-                        gpus_per_node=gpus_per_node, partition=partition, cpus_per_task=cpus_per_task, mem_gb=mem_gb,
-                        time_min=time_min, slurm_params=extra, wait=wait, dry_run=dry_run, echo=click.echo)
+    from dataclasses import replace as with_seed
+
+    reports = []
+    for seed in seed_list:  # each seed: its own baseline, checkpoints and records
+        reports += run_sweep(with_seed(base, seed=seed), names, dataset_names, by_method, cluster=cluster,
+                             folder=folder, gpus_per_node=gpus_per_node, partition=partition,
+                             cpus_per_task=cpus_per_task, mem_gb=mem_gb, time_min=time_min, slurm_params=extra,
+                             wait=wait, dry_run=dry_run, echo=click.echo)
     if not dry_run:
         _warn_single_repeat(repeats)
     failed = [r for r in reports if r.state == "failed"]

@@ -20,6 +20,7 @@ from tqdm import tqdm
 from bench import distributed
 from bench.errors import BenchError
 from bench.metrics import ConfusionMatrix, iou_scores
+from bench.stats import per_image_counts
 from bench.train import normalize
 
 
@@ -261,6 +262,7 @@ def evaluate(model, policy, dataset, settings: EvalSettings, flop_model, *, num_
     model.eval()
     cm = ConfusionMatrix(num_classes, ignore_index=ignore_index)
     flops, tokens, full = [], 0, 0
+    inters, unions = [], []  # per image and class, for the bootstrap intervals (bench.stats)
     n = len(dataset) if limit is None else min(limit, len(dataset))
     mine = distributed.shard(n)
     per_forward = settings.batch_size if settings.mode == "whole" else 1
@@ -271,19 +273,27 @@ def evaluate(model, policy, dataset, settings: EvalSettings, flop_model, *, num_
         labels = torch.stack([b[1] for b in batch])
         attach_labels(policy, labels, settings, scale)
         pred = predict(model, policy, images, settings, scale=scale, flop_model=flop_model)
-        cm.update(pred.logits.argmax(1).cpu(), labels)
+        classes = pred.logits.argmax(1).cpu()
+        cm.update(classes, labels)
+        inter, union = per_image_counts(classes, labels, num_classes, ignore_index)
+        inters.append(inter)
+        unions.append(union)
         flops.append(pred.flops)
         tokens = tokens + pred.tokens.sum(0)
         full = full + pred.full_tokens.sum()
         bar.update(len(batch))
     bar.close()
     flops = torch.cat(flops) if flops else torch.zeros(0, dtype=torch.long)
+    empty = torch.zeros(0, num_classes, dtype=torch.long)
+    inters, unions = (torch.cat(inters) if inters else empty), (torch.cat(unions) if unions else empty)
     if distributed.is_distributed():
         distributed.all_reduce_sum(cm.matrix)
-        parts = distributed.all_gather_object((list(mine), flops, tokens, full))
+        parts = distributed.all_gather_object((list(mine), flops, tokens, full, inters, unions))
         flops = torch.zeros(n, dtype=parts[0][1].dtype)
-        for indices, part, _, _ in parts:
+        inters, unions = torch.zeros(n, num_classes, dtype=torch.long), torch.zeros(n, num_classes, dtype=torch.long)
+        for indices, part, _, _, inter, union in parts:
             flops[indices] = part  # back in split order: the same numbers as one process
+            inters[indices], unions[indices] = inter, union
         tokens, full = sum(p[2] for p in parts), sum(p[3] for p in parts)
     per_class, miou = iou_scores(cm.matrix)
     gflops = flops.double() / 1e9
@@ -294,6 +304,7 @@ def evaluate(model, policy, dataset, settings: EvalSettings, flop_model, *, num_
                    "min": gflops.min().item(), "max": gflops.max().item()},
         "tokens_per_block": (tokens.double() / float(full)).tolist(),
         "images": n,
+        "per_image": (inters.numpy(), unions.numpy()),  # (n, C) intersections and unions, split order
     }
 
 

@@ -19,7 +19,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from bench import datasets, distributed
+from bench import datasets, distributed, per_image
 from bench.errors import BenchError
 from bench.flops import FlopModel
 from bench.imported import imported_baseline, stored_baseline  # noqa: F401 (part of the runner's API)
@@ -196,7 +196,8 @@ def control_reference(opts: RunOptions, spec: datasets.DatasetSpec, base_cfg: Tr
     """The equal-budget control (``baseline-ft``): its checkpoint, trained if missing, and
     its mIoU (``evaluate_it(model)``: the run's evaluation, with the full model's policy)."""
     model, payload = fine_tune(opts, get_method(CONTROL), spec, base_cfg, base_model, base_payload)
-    return {"checkpoint": payload.get("weights"), "miou": evaluate_it(model.to(opts.device).eval())["miou"]}
+    result = evaluate_it(model.to(opts.device).eval())
+    return {"checkpoint": payload.get("weights"), "miou": result["miou"], "per_image": result.get("per_image")}
 
 
 def control_fields(miou: float, control: Optional[dict]) -> dict:
@@ -271,7 +272,7 @@ def run(opts: RunOptions) -> list[dict]:
              for _, policy, scale in policies]
     control = None  # fine-tuned methods are also compared with the equal-budget control
     if method.name == CONTROL:
-        control = {"checkpoint": checkpoint, "miou": evals[0]["miou"]}
+        control = {"checkpoint": checkpoint, "miou": evals[0]["miou"], "per_image": evals[0]["per_image"]}
     elif method.fine_tune is not None:
         control = control_reference(opts, spec, base_cfg, base_model, base_payload, lambda m: evaluate(
             m, base_policy, val, settings, FlopModel(m, base_policy), **common))
@@ -306,6 +307,7 @@ def run(opts: RunOptions) -> list[dict]:
             "miou_delta": result["miou"] - base_eval["miou"],
             "baseline_miou": base_eval["miou"],
             **control_fields(result["miou"], control),
+            **per_image.intervals(result["per_image"], base_eval["per_image"], (control or {}).get("per_image")),
             "per_class_iou": dict(zip(spec.classes, result["per_class_iou"])),
             "gflops": result["gflops"],
             "gflops_ratio": result["gflops"]["mean"] / base_eval["gflops"]["mean"],
@@ -323,12 +325,46 @@ def run(opts: RunOptions) -> list[dict]:
             **env,
         }
         records.append(record)
-    for record in records:
+    if records:  # the baseline's and the control's too, so `bench report` can recompute the deltas' intervals
+        per_image.write_counts(opts.results, per_image.companion(records[0], "baseline", base_payload.get("weights")),
+                               *base_eval["per_image"])
+        if control is not None:
+            per_image.write_counts(opts.results, per_image.companion(records[0], CONTROL, control["checkpoint"]),
+                                   *control["per_image"])
+    for record, result in zip(records, evals):
+        per_image.write_counts(opts.results, record, *result["per_image"])  # before its record: never one without
         store.append(record, replace=opts.replace)
     if method.map_ops:
         write_maps(opts, method, spec, trained, model, val)
     distributed.barrier()
     return records
+
+
+def parse_seeds(text: Optional[str], seed: int = 0) -> list[int]:
+    """``--seeds 0,1,2`` as a list, checked before any work; without it, ``[seed]``."""
+    if text is None:
+        return [seed]
+    if seed != 0:
+        raise BenchError("give --seed or --seeds, not both")
+    try:
+        seeds = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise BenchError(f"--seeds takes comma-separated int values, e.g. 0,1,2; got {text!r}") from None
+    if len(set(seeds)) != len(seeds):
+        raise BenchError(f"--seeds {text!r}: each seed once, e.g. 0,1,2")
+    return seeds
+
+
+def run_seeds(opts: RunOptions, seeds: Optional[list] = None) -> list[dict]:
+    """``run`` once per training seed (``--seeds 0,1,2``): each seed trains its own
+    baseline and checkpoints (the seed is part of their configuration, so of the records'
+    identity) and stores its own records. Every seed's options are checked first."""
+    seeds = [opts.seed] if seeds is None else list(seeds)
+    if not seeds:
+        raise BenchError("--seeds: expected one or more seeds, e.g. 0,1,2")
+    for seed in seeds[1:]:
+        validate(replace(opts, seed=seed))
+    return [record for seed in seeds for record in run(replace(opts, seed=seed))]
 
 
 def write_maps(opts: RunOptions, method: MethodSpec, spec, trained, model, val, count: int = 4) -> Path:

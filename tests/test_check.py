@@ -99,3 +99,13 @@ def test_a_point_measured_under_other_settings_is_not_compared():
     assert [(r["metric"], r["verdict"]) for r in rows] == [("settings", "CHANGED")]
     assert rows[0]["fresh"] == 'device "cpu" -> "cuda"'
     assert not check.failed(check.compare([stored], [record() | {"device": "cpu", "images": 48}]))
+
+
+def test_a_stored_interval_sets_the_tolerance_of_retrained_weights_and_says_so():
+    ref = record() | {"miou_ci": [0.6 - 0.02, 0.6 + 0.02]}
+    rows = check.compare([ref], [record(miou=0.6 - 0.015, checkpoint="w2")])
+    miou = next(r for r in rows if r["metric"] == "mIoU")
+    assert miou["verdict"] == "ok" and "stored 95% interval" in miou["tolerance"]
+    assert check.failed(check.compare([ref], [record(miou=0.6 - 0.025, checkpoint="w2")]))
+    # the same weights cannot move: the interval does not loosen their bound
+    assert check.failed(check.compare([ref], [record(miou=0.6 - 0.015)]))

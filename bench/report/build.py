@@ -1,11 +1,16 @@
 """``bench report``: every dataset's tables and figures and the index, from the stored records."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Optional
 
+import pandas as pd
+
 from bench.errors import BenchError
 from bench.fileio import atomic_write
+from bench.report.intervals import Resamples, family, seed_rows, with_intervals
+from bench.report.iso_budget import iso_budget_report
 from bench.report.figures import WIDTHS, figure_style, save_figure, series_styles, tokens_figure, tradeoff_figure
 from bench.report.readme import update_readme
 from bench.report.records import usable_records
@@ -28,6 +33,27 @@ from bench.report.tables import (
 from bench.report.training import training_figure, training_logs
 
 
+SEEDS_HEADER = ("Rows measured at several training seeds: mean and sample standard deviation over seeds, and the "
+                "95% interval that combines seeds and images (seeds and images resampled together). Per-seed rows: "
+                "the main table and CSV.\n\n")
+
+
+def seeds_report(rows: list[dict], dataset: str, out_dir: Path) -> list[Path]:
+    """``<dataset>-seeds.md`` and ``.csv``: every point measured at several seeds, aggregated."""
+    df = pd.DataFrame(rows)
+    shown = df.assign(**{"mIoU 95% (seeds + images)": [
+        "" if pd.isna(lo) else f"[{lo:.2f}, {hi:.2f}]" for lo, hi in zip(df["mIoU low"], df["mIoU high"])]})
+    columns = ["group", "method", "op", "seeds", "mIoU mean", "mIoU std", "mIoU 95% (seeds + images)",
+               "ΔmIoU mean", "ΔmIoU std", "GFLOPs mean"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for _, row in shown.iterrows():
+        cells = [("" if pd.isna(v) else f"{v:.3f}" if c == "GFLOPs mean" else f"{v:.2f}") if isinstance(v, float)
+                 else str(v) for c, v in ((c, row[c]) for c in columns)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return [_write_text(out_dir / f"{dataset}-seeds.md", SEEDS_HEADER + "\n".join(lines) + "\n"),
+            _write_csv(out_dir / f"{dataset}-seeds.csv", df)]
+
+
 def report(results: str = "results", out: str = "reports", width: str = "text",
            checkpoints: str = "checkpoints", readme: Optional[str] = None) -> list[Path]:
     """Every dataset's tables and figures and the index under ``out``; ``readme``: a
@@ -37,6 +63,8 @@ def report(results: str = "results", out: str = "reports", width: str = "text",
     if width not in WIDTHS:
         raise BenchError(f"unknown figure width {width!r}; expected one of: {', '.join(WIDTHS)}")
     records, skipped = usable_records(results)
+    records = with_intervals(records, results)  # older records: from their per-image statistics, where stored
+    resamples = Resamples(results)
     if not records:
         more = f" ({skipped} skipped)" if skipped else ""
         raise BenchError(f"no result records under {results}/{more}; run `bench run` first")
@@ -79,6 +107,11 @@ def report(results: str = "results", out: str = "reports", width: str = "text",
         per_class = per_class_frame(mine, labels)
         if per_class is not None:
             files.append(_write_csv(out_dir / f"{dataset}-per-class.csv", per_class))
+        family_labels = {family(r): re.sub(r", seed -?\d+$", "", labels[group_key(r)]) for r in mine}
+        files += iso_budget_report(mine, dataset, out_dir, resamples, family_labels)
+        seeds = seed_rows(mine, resamples, family_labels)
+        if seeds:
+            files += seeds_report(seeds, dataset, out_dir)
         groups = _groups(df)
         with figure_style() as plt:
             styles = series_styles(df["series"])
@@ -107,6 +140,9 @@ def report(results: str = "results", out: str = "reports", width: str = "text",
         commits = sorted({str(r.get("git_commit"))[:7] for r in mine})
         index += [f"## {dataset}", "",
                   f"{len(mine)} records, {df['method'].nunique()} methods, git commit(s) {', '.join(commits)}.", ""]
+        if (out_dir / f"{dataset}-iso-budget.md") in files:
+            index += [f"Headline: [{dataset}-iso-budget.md]({dataset}-iso-budget.md), each method at fixed budgets "
+                      "with its interval, against the best reference.", ""]
         if len(groups) > 1:
             index += [f"{len(groups)} baseline groups (own Pareto fronts, figures named after the group): "
                       + "; ".join(name for name, _ in groups) + ".", ""]

@@ -108,8 +108,8 @@ def tradeoff_figure(df: pd.DataFrame, dataset: str, width: str = "text", styles:
                     caption: Optional[str] = None):
     """mIoU against GFLOPs and against the same-run speedup at each stored batch size:
     one line per series joined in the order of its swept knob, colours and markers from
-    the one palette (``bench.report.style``), the speedup's interquartile range as error
-    bars where stored (optional ``<x> p25`` / ``<x> p75`` columns: other intervals can
+    the one palette (``bench.report.style``), the speedup's interquartile range and mIoU's 95% interval as
+    error bars where stored (optional ``<x> p25`` / ``<x> p75`` columns: other intervals can
     come the same way), the Pareto front ringed. The axes fit the adaptive methods;
     static's points beyond them sit on the edge as open arrow heads. ``caption``: the
     line naming dataset, model and machine (default: from the table's columns)."""
@@ -147,6 +147,11 @@ def tradeoff_figure(df: pd.DataFrame, dataset: str, width: str = "text", styles:
             ax.plot(points[x], points["mIoU"], label=series_label(name), **style)
             if points["method"].iloc[0] in OFF_SCALE:
                 off_scale += _edge_markers(ax, points[x], points["mIoU"], xlim, ylim, style["color"])
+            if "mIoU low" in points:  # the 95% paired bootstrap interval of mIoU, where known
+                ci = points[points["mIoU low"].notna() & points["mIoU high"].notna()]
+                if len(ci):
+                    ax.errorbar(ci[x], ci["mIoU"], yerr=[ci["mIoU"] - ci["mIoU low"], ci["mIoU high"] - ci["mIoU"]],
+                                fmt="none", ecolor=style["color"], elinewidth=0.6, capsize=1.2, zorder=2)
             if bs is not None:
                 low, high = points[f"speedup b{bs} p25"], points[f"speedup b{bs} p75"]
                 has = low.notna() & high.notna()

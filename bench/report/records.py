@@ -79,6 +79,10 @@ def record_problem(r: dict) -> Optional[str]:
     for key in ("miou_delta", "baseline_miou", "gflops_ratio", "baseline_gflops", "control_miou",
                 "miou_delta_control"):
         problem = problem or _number_problem(r, key, key)
+    for key in ("miou_ci", "miou_delta_ci", "miou_delta_control_ci"):
+        v = r.get(key)
+        if v is not None and not (isinstance(v, list) and len(v) == 2 and all(x is None or _is_number(x) for x in v)):
+            problem = problem or f"field '{key}' is {_kind(v)}, expected [low, high]"
     if problem:
         return problem
     if "gflops" not in r:

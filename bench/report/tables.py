@@ -16,6 +16,7 @@ from bench.report.records import _is_number
 from bench.results import op_label, record_precision
 
 BASE_COLUMNS = ["method", "op", "mIoU", "ΔmIoU", "ΔmIoU ctrl", "GFLOPs", "ΔGFLOPs %"]
+CI_COLUMNS = {"mIoU": "miou_ci", "ΔmIoU": "miou_delta_ci", "ΔmIoU ctrl": "miou_delta_control_ci"}
 EXECUTION = "precision/compile"  # shown only where some row is not plain fp32
 PROVENANCE = ["group", "baseline_checkpoint", "checkpoint", "model", "decoder", "split", "device_name", "precision",
               "threads", "images", "git_commit"]
@@ -92,8 +93,11 @@ def group_labels(records: list[dict]) -> dict[str, str]:
                  f"depth {r['depth']}" if r.get("depth") is not None else ""]
         labels[key] = ", ".join(p for p in parts if p)
     counts = Counter(labels.values())
+    seeds = {label: Counter(first[k].get("seed") for k, l in labels.items() if l == label) for label in counts}
     for key, label in labels.items():
-        if not label or counts[label] > 1:
+        if label and counts[label] > 1 and max(seeds[label].values()) == 1:  # the same setting at other seeds
+            labels[key] = f"{label}, seed {first[key].get('seed')}"
+        elif not label or counts[label] > 1:
             labels[key] = f"{label}, baseline {key}" if label else f"baseline {key}"
     return labels
 
@@ -125,6 +129,10 @@ def table(records: list[dict]) -> pd.DataFrame:
                "ΔmIoU ctrl": 100 * _nan(r.get("miou_delta_control")),
                "control mIoU": 100 * _nan(r.get("control_miou")),
                "GFLOPs": _nan(r["gflops"]["mean"]), "ΔGFLOPs %": 100 * (_nan(ratio) - 1)}
+        for name, key in CI_COLUMNS.items():  # 95% paired bootstrap intervals, where stored or recomputed
+            low, high = r.get(key) or (None, None)
+            row.update({f"{name} low": 100 * _nan(low), f"{name} high": 100 * _nan(high)})
+        row["seed"] = r.get("seed")
         for bs in sizes:
             entry = r["speed"].get(str(bs), {})
             iqr = entry.get("speedup_iqr") or [None, None]
@@ -158,6 +166,9 @@ def display_columns(df: pd.DataFrame) -> list[str]:
     """The columns of the Markdown and LaTeX tables: the control's delta only where a
     record has one, throughput and speedup at every stored batch size."""
     columns = [c for c in BASE_COLUMNS if c != "ΔmIoU ctrl" or df[c].notna().any()]
+    for name in CI_COLUMNS:  # "±": half the 95% interval, only where some record has one
+        if name in columns and df[f"{name} low"].notna().any():
+            columns.insert(columns.index(name) + 1, f"{name} ±")
     if (df[EXECUTION] != "fp32").any():  # a bf16 or compiled row says so; all-fp32 tables stay as they were
         columns.insert(columns.index("op") + 1, EXECUTION)
     for c in df.columns:
@@ -172,6 +183,9 @@ FORMATS = {"mIoU": "{:.2f}", "ΔmIoU": "{:+.2f}", "ΔmIoU ctrl": "{:+.2f}", "GFL
 
 
 def _cell(column: str, value) -> str:
+    if isinstance(value, tuple):  # an interval: shown as its half-width
+        low, high = value
+        return "" if pd.isna(low) or pd.isna(high) else f"±{(high - low) / 2:.2f}"
     if column == "pareto":
         return "★" if value else ""
     if pd.isna(value):
@@ -181,6 +195,14 @@ def _cell(column: str, value) -> str:
     if column.startswith("speedup"):
         return f"{value:.2f}x"
     return FORMATS[column].format(value) if column in FORMATS else str(value)
+
+
+def _value(row, column: str):
+    """A cell's value; an interval column ("mIoU ±") its (low, high)."""
+    if column.endswith(" ±"):
+        name = column[: -len(" ±")]
+        return (row[f"{name} low"], row[f"{name} high"])
+    return row[column]
 
 
 def _groups(df: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
@@ -196,13 +218,14 @@ def markdown(df: pd.DataFrame) -> str:
         if len(groups) > 1:
             out += [f"### {name}", ""]
         out += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-        out += ["| " + " | ".join(_cell(c, row[c]) for c in columns) + " |" for _, row in sub.iterrows()]
+        out += ["| " + " | ".join(_cell(c, _value(row, c)) for c in columns) + " |" for _, row in sub.iterrows()]
         if len(groups) > 1:
             out.append("")
     return "\n".join(out).rstrip("\n") + "\n"
 
 
-LATEX_HEADERS = {"mIoU": "mIoU", "ΔmIoU": r"$\Delta$mIoU", "ΔmIoU ctrl": r"$\Delta$ctrl", "GFLOPs": "GFLOPs",
+LATEX_HEADERS = {"mIoU ±": r"$\pm$", "ΔmIoU ±": r"$\pm$", "ΔmIoU ctrl ±": r"$\pm$",
+                 "mIoU": "mIoU", "ΔmIoU": r"$\Delta$mIoU", "ΔmIoU ctrl": r"$\Delta$ctrl", "GFLOPs": "GFLOPs",
                  "ΔGFLOPs %": r"$\Delta$GFLOPs (\%)", "p50 ms": "p50 ms", "p90 ms": "p90 ms", "pareto": "Pareto"}
 
 
@@ -215,6 +238,8 @@ def _latex_cell(column: str, value) -> str:
     if column == "pareto":
         return r"$\star$" if value else ""
     text = _cell(column, value)
+    if text.startswith("±"):
+        return r"$\pm$" + text[1:]
     if column.startswith("speedup") and text:
         return text[:-1] + r"$\times$"
     text = _latex_escape(text)
@@ -234,7 +259,7 @@ def latex(df: pd.DataFrame) -> str:
         if len(groups) > 1:
             heading = f"\\multicolumn{{{len(columns)}}}{{l}}{{\\emph{{{_latex_escape(name)}}}}} \\\\"
             lines += ([r"\midrule"] if i else []) + [heading]
-        lines += [" & ".join(_latex_cell(c, row[c]) for c in columns) + r" \\" for _, row in sub.iterrows()]
+        lines += [" & ".join(_latex_cell(c, _value(row, c)) for c in columns) + r" \\" for _, row in sub.iterrows()]
     lines += [r"\bottomrule", r"\end{tabular}"]
     return "\n".join(lines) + "\n"
 
@@ -245,8 +270,12 @@ def csv_frame(df: pd.DataFrame) -> pd.DataFrame:
     knobs = sorted(c for c in df.columns if c.startswith("knob:"))
     speed = [c for c in df.columns if re.fullmatch(r"(img/s|speedup) b\d+( p25| p75)?", c)]
     numbers = ["mIoU", "ΔmIoU", "ΔmIoU ctrl", "control mIoU", "GFLOPs", "ΔGFLOPs %"] + speed + ["p50 ms", "p90 ms"]
+    for name in CI_COLUMNS:  # interval columns where some record has one: older CSVs keep theirs
+        if df[f"{name} low"].notna().any():
+            numbers[numbers.index(name) + 1:numbers.index(name) + 1] = [f"{name} low", f"{name} high"]
     compiled = ["compile"] if df["compile"].any() else []  # uncompiled CSVs keep their columns
-    out = df[["method", "op"] + knobs + numbers + ["pareto"] + PROVENANCE + compiled].copy()
+    seeds = ["seed"] if df["seed"].nunique(dropna=True) > 1 else []  # per-seed rows say their seed
+    out = df[["method", "op"] + knobs + numbers + ["pareto"] + PROVENANCE + compiled + seeds].copy()
     return out.rename(columns={k: k[len("knob:"):] if k[len("knob:"):] not in out.columns else k for k in knobs})
 
 
