@@ -28,6 +28,8 @@ def train_options(f):
         click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N"),
         click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True, help="torch CPU threads"),
         click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--train-precision", type=click.Choice(["fp32", "tf32", "bf16"]), default="fp32", show_default=True,
+                     help="training: bf16 autocast (TF32 on CUDA) or tf32 (CUDA); part of a checkpoint's identity"),
         click.option("--checkpoints", default="checkpoints", show_default=True, help="checkpoint folder"),
         click.option("--quiet", is_flag=True, help="no progress bars"),
     ]
@@ -71,7 +73,7 @@ def execution_options(f):
     f = click.option("--compile", is_flag=True,
                      help="torch.compile the blocks and decoder for evaluation and timing")(f)
     return click.option("--precision", type=click.Choice(["fp32", "tf32", "bf16", "fp16"]), default="fp32",
-                        show_default=True, help="evaluation and timing (training stays fp32); cpu: fp32 or bf16")(f)
+                        show_default=True, help="evaluation and timing (training: --train-precision); cpu: fp32 or bf16")(f)
 
 
 def _require_device(device: str, here: bool = True) -> None:

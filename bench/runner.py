@@ -20,7 +20,7 @@ import torch
 
 from bench import datasets, distributed
 from bench.errors import BenchError
-from bench.flops import FlopModel
+from bench.flops import FlopModel, PriceCache
 from bench.imported import imported_baseline, stored_baseline  # noqa: F401 (part of the runner's API)
 from bench.planning import (check_device, check_folder, check_ops, describe_plan, pending_ops, plan,  # noqa: F401
                             training_plan, validate)
@@ -211,15 +211,16 @@ def run(opts: RunOptions) -> list[dict]:
     common = dict(num_classes=spec.num_classes, limit=opts.limit, progress=opts.progress)
 
     base_policy = Policy()
-    base_eval = evaluate(base_model, base_policy, val, settings, FlopModel(base_model, base_policy), **common)
-    evals = [evaluate(model, policy, val, settings, FlopModel(model, policy), scale=scale, **common)
+    prices = PriceCache()  # one per run: every operating point prices a token count once
+    base_eval = evaluate(base_model, base_policy, val, settings, FlopModel(base_model, base_policy, prices), **common)
+    evals = [evaluate(model, policy, val, settings, FlopModel(model, policy, prices), scale=scale, **common)
              for _, policy, scale in policies]
     control = None  # fine-tuned methods are also compared with the equal-budget control
     if method.name == CONTROL:
         control = {"checkpoint": checkpoint, "miou": evals[0]["miou"]}
     elif method.fine_tune is not None:
         control = control_reference(opts, spec, base_cfg, base_model, base_payload, lambda m: evaluate(
-            m, base_policy, val, settings, FlopModel(m, base_policy), **common))
+            m, base_policy, val, settings, FlopModel(m, base_policy, prices), **common))
     if not distributed.is_main():  # timing is one process's job: wait for rank 0 to time and write
         distributed.barrier()
         return []
@@ -259,7 +260,8 @@ def run(opts: RunOptions) -> list[dict]:
             "speed": speed,
             "timing_images": len(timing),
             "seed": opts.seed,
-            "train": {"steps": base_cfg.steps, "config_hash": payload["config"].get("hash")},
+            "train": {"steps": base_cfg.steps, "config_hash": payload["config"].get("hash"),
+                      **({"precision": base_cfg.precision} if base_cfg.precision != "fp32" else {})},
             **({"eval_processes": distributed.world_size()} if distributed.is_distributed() else {}),
             **env,
         }

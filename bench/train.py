@@ -21,6 +21,7 @@ of the last of them. A resumed run first drops the lines past its checkpoint's s
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -64,12 +65,15 @@ class TrainConfig:
     scale_range: tuple = (0.5, 2.0)
     seed: int = 0
     optimizer: str = "adamw"  # or "sgd": momentum 0.9 (Segmenter's recipe on real data)
+    precision: str = "fp32"  # or "bf16" (autocast; TF32 on CUDA) or "tf32" (CUDA): ``train_precision``
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["scale_range"] = list(self.scale_range)
         if d["optimizer"] == "adamw":  # added later: the default keeps earlier config hashes
             del d["optimizer"]
+        if d["precision"] == "fp32":  # likewise: fp32 checkpoints keep their hashes
+            del d["precision"]
         # the model's class token counts only when on (a preset's default included): a model
         # without one hashes as before the option, one with it never loads another's weights
         d["model_overrides"] = {k: v for k, v in d["model_overrides"].items() if k != "class_token"}
@@ -101,6 +105,44 @@ def learning_rate(cfg: TrainConfig, step: int) -> float:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
     return cfg.lr * (1 - progress) ** cfg.poly_power
+
+
+TRAIN_PRECISIONS = ("fp32", "tf32", "bf16")
+
+
+def check_train_precision(precision: str, device: str) -> None:
+    """A one-line error unless training can run at ``precision`` on ``device``'s kind."""
+    if precision not in TRAIN_PRECISIONS:
+        raise BenchError(f"--train-precision {precision!r}: expected one of {', '.join(TRAIN_PRECISIONS)} "
+                         "(fp16 training would need loss scaling; use bf16)")
+    kind = torch.device(device).type
+    if precision == "tf32" and kind != "cuda":
+        raise BenchError(f"--train-precision tf32 needs a CUDA device; on {kind} use fp32 or bf16")
+
+
+@contextlib.contextmanager
+def train_precision(precision: str, device: str):
+    """Around the whole training loop: TF32 matmuls and convolutions on CUDA for tf32 and
+    bf16 (what autocast leaves in fp32 runs in TF32), the flags restored after; fp32
+    changes nothing, so its numerics stay those of every stored checkpoint."""
+    cuda = torch.device(device).type == "cuda"
+    if precision == "fp32" or not cuda:
+        yield
+        return
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def autocast(precision: str, device: str):
+    """The forward and loss of one step: bf16 autocast (weights, gradients and the
+    optimizer stay fp32), else nothing."""
+    if precision != "bf16":
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
 
 
 def _rng(seed: int, *keys: int) -> torch.Generator:
@@ -301,6 +343,7 @@ def train(
     is the same.
     """
     rank, world = distributed.rank(), distributed.world_size()
+    check_train_precision(cfg.precision, device)
     if log_every < 1:
         raise BenchError(f"the training log needs a step interval of at least 1, got {log_every}")
     if cfg.batch_size % world:
@@ -357,6 +400,8 @@ def train(
     t0 = time.perf_counter()
     completed, stepping = start, False
     log = TrainingLog(log_path(path), log_every, start, enabled=rank == 0)
+    precision = contextlib.ExitStack()
+    precision.enter_context(train_precision(cfg.precision, device))
     try:
         for step, (images, labels) in zip(range(start, end), loader):
             # dropout / drop-path: per step, and per process when there are several
@@ -367,7 +412,8 @@ def train(
             if world > 1:  # this process's share of the global batch
                 images, labels = images[rank::world], labels[rank::world]
             images, labels = normalize(images.to(device, non_blocking=True)), labels.to(device, non_blocking=True)
-            loss = forward(images, labels)
+            with autocast(cfg.precision, device):
+                loss = forward(images, labels)
             value = loss.item()
             if world > 1:  # the mean over processes: what is shown, and every rank stops together
                 value = distributed.all_reduce_sum(torch.tensor([value], dtype=torch.float64)).item() / world
@@ -388,6 +434,8 @@ def train(
             checkpoint(completed)
         bar.close()
         raise
+    finally:
+        precision.close()
     bar.close()
     model.eval()
     payload = checkpoint(end, final=True)

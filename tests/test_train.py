@@ -140,3 +140,31 @@ def test_a_checkpoint_whose_weights_changed_is_refused(tmp_path, toy_dataset):
     with pytest.raises(BenchError, match=f"checkpoint {path} was changed after it was written") as info:
         load_checkpoint(path)
     assert info.value.exit_code == 2 and "\n" not in str(info.value)
+
+
+def test_fp32_keeps_the_config_hash_and_bf16_is_part_of_the_identity():
+    fp32, bf16 = config(), config(precision="bf16")
+    assert "precision" not in fp32.to_dict() and fp32.hash() == config().hash()
+    assert bf16.to_dict()["precision"] == "bf16" and bf16.hash() != fp32.hash()
+
+
+def test_bf16_training_runs_on_cpu_deterministically(tmp_path, toy_dataset):
+    cfg = config(steps=2, precision="bf16")
+    runs = []
+    for name in ("a", "b"):
+        model = fresh_model(cfg)
+        payload = train(model, toy_dataset, cfg, tmp_path / f"{name}.pt", progress=False)
+        assert payload["config"]["precision"] == "bf16"
+        assert all(p.dtype == torch.float32 for p in model.parameters())  # autocast: weights stay fp32
+        runs.append(payload["weights"])
+    fp32 = train(fresh_model(config(steps=2)), toy_dataset, config(steps=2), tmp_path / "c.pt", progress=False)
+    assert runs[0] == runs[1] != fp32["weights"]  # deterministic, and really computed in bf16
+
+
+@pytest.mark.parametrize("precision, device, expected", [
+    ("tf32", "cpu", "needs a CUDA device"), ("fp16", "cpu", "use bf16"), ("half", "cpu", "expected one of")])
+def test_unsupported_training_precision_is_refused_before_training(tmp_path, toy_dataset, precision, device, expected):
+    cfg = config(precision=precision)
+    with pytest.raises(BenchError, match=expected):
+        train(fresh_model(cfg), toy_dataset, cfg, tmp_path / "x.pt", progress=False)
+    assert not (tmp_path / "x.pt").exists()
