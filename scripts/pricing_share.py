@@ -1,8 +1,11 @@
-"""What share of an IDD-Lite PAUMER evaluation is FLOP pricing: per-count fvcore tracing
-(every (component, token count) traced once, as before the fitted polynomials) against
-the fitted polynomials and the run's shared price cache.
-Usage: python scripts/pricing_share.py [images] [tau]  (the `tiny` model, its PAUMER
-heads untrained, so a tau near 1 makes counts ragged; data: ../shared/data/idd-lite)."""
+"""What share of an IDD-Lite PAUMER evaluation is FLOP pricing (the time inside
+``FlopModel.image_flops``), with every (component, token count) traced by fvcore once
+(as before the fitted polynomials) and with the fitted polynomials + the run's shared
+price cache. Usage: PYTHONPATH=. python scripts/pricing_share.py [images]
+
+The `tiny` model on IDD-Lite val (../shared/data/idd-lite), PAUMER's heads untrained, so
+its decisions are forced by the token schedule `bench speed` uses (default_stay, spread
+0.1: per-image ragged counts, as a trained threshold gives); 2 threads."""
 import sys
 import time
 from pathlib import Path
@@ -12,23 +15,32 @@ import torch
 from bench import datasets, flops
 from bench.protocol import EvalSettings, evaluate
 from methods import METHODS
+from methods.paumer import PaumerPolicy
 from methods.segmenter import build_model
 
 
-class NoPricing:
-    """Stands in for a FlopModel: every image 0 FLOPs (the evaluation without pricing)."""
+class TimedPricing:
+    """A FlopModel whose ``image_flops`` calls are timed (``seconds``)."""
+
+    def __init__(self, flop_model):
+        self.flop_model, self.seconds = flop_model, 0.0
 
     def image_flops(self, trace, image_hw):
-        return torch.zeros(trace.tokens.shape[0], dtype=torch.long)
+        t0 = time.perf_counter()
+        try:
+            return self.flop_model.image_flops(trace, image_hw)
+        finally:
+            self.seconds += time.perf_counter() - t0
 
 
-def timed_eval(model, policy, val, flop_model, limit):
+def measure(model, policy, val, prices, limit):
+    timed = TimedPricing(flops.FlopModel(model, policy, prices))
     t0 = time.perf_counter()
-    result = evaluate(model, policy, val, EvalSettings(batch_size=8), flop_model, num_classes=7, limit=limit)
-    return time.perf_counter() - t0, result["gflops"]["mean"]
+    result = evaluate(model, policy, val, EvalSettings(batch_size=8), timed, num_classes=7, limit=limit)
+    return time.perf_counter() - t0, timed.seconds, result["gflops"]["mean"]
 
 
-def main(limit: int = 64, tau: float = 0.97) -> None:
+def main(limit: int = 64) -> None:
     torch.set_num_threads(2)
     root = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "idd-lite"
     val = datasets.open_dataset("idd-lite", "val", str(root))
@@ -36,27 +48,25 @@ def main(limit: int = 64, tau: float = 0.97) -> None:
     spec = METHODS["paumer"]
     trained = spec.fine_tune.build(build_model(7, "tiny"), **spec.fine_tune.knobs).eval()
     model = trained.segmenter
-    policy = spec.make_policy(trained, tau=tau)
-    timed_eval(model, policy, val, NoPricing(), 8)  # warm-up: first-call costs hit no row
-    bare, _ = timed_eval(model, policy, val, NoPricing(), limit)  # no pricing at all
-    fitted = type(policy).quadratic_costs
+
+    def policy(spread=0.1):
+        return PaumerPolicy(trained.pausing, criterion="schedule", spread=spread)
+
+    fitted = PaumerPolicy.quadratic_costs
     try:  # before: every token count traced
-        flops.QUADRATIC_MODEL_KEYS, type(policy).quadratic_costs = (), ()
-        prices = flops.PriceCache()
-        before, g_before = timed_eval(model, policy, val, flops.FlopModel(model, policy, prices), limit)
+        flops.QUADRATIC_MODEL_KEYS, PaumerPolicy.quadratic_costs = (), ()
+        before = measure(model, policy(), val, flops.PriceCache(), limit)
     finally:
-        flops.QUADRATIC_MODEL_KEYS, type(policy).quadratic_costs = (("block",),), fitted
-    new = flops.PriceCache()
-    after, g_after = timed_eval(model, policy, val, flops.FlopModel(model, policy, new), limit)
-    again, _ = timed_eval(model, spec.make_policy(trained, tau=tau - 0.02), val,
-                          flops.FlopModel(model, spec.make_policy(trained, tau=tau - 0.02), new), limit)
-    assert g_before == g_after, (g_before, g_after)  # the same FLOPs, to the last one
-    for name, total, p in (("per-count tracing", before, prices), ("fitted + shared cache", after, new)):
-        print(f"{name:22s} eval {total:6.1f} s, pricing {p.seconds:6.1f} s in {p.traces} traces "
-              f"= {100 * (total - bare) / total:4.1f}% of the evaluation (no pricing: {bare:.1f} s)")
-    print(f"a second operating point on the shared cache: {again:.1f} s, {new.traces} traces in all; "
-          f"{limit} images, tau={tau}, {g_after:.3f} GFLOPs/image")
+        flops.QUADRATIC_MODEL_KEYS, PaumerPolicy.quadratic_costs = (("block",),), fitted
+    prices = flops.PriceCache()
+    after = measure(model, policy(), val, prices, limit)
+    second = measure(model, policy(0.2), val, prices, limit)  # another operating point of the run
+    assert before[2] == after[2], (before[2], after[2])  # the same FLOPs
+    for name, (total, pricing, _) in (("per-count tracing", before), ("fitted + shared cache", after),
+                                      ("2nd point, same cache", second)):
+        print(f"{name:22s} eval {total:6.1f} s, pricing {pricing:6.2f} s = {100 * pricing / total:5.1f}%")
+    print(f"{limit} images, {after[2]:.3f} GFLOPs/image, {prices.traces} fvcore traces in the shared cache")
 
 
 if __name__ == "__main__":
-    main(*(int(sys.argv[1]),) if len(sys.argv) > 1 else (), *(float(sys.argv[2]),) if len(sys.argv) > 2 else ())
+    main(*(int(a) for a in sys.argv[1:2]))

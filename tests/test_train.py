@@ -168,3 +168,55 @@ def test_unsupported_training_precision_is_refused_before_training(tmp_path, toy
     with pytest.raises(BenchError, match=expected):
         train(fresh_model(cfg), toy_dataset, cfg, tmp_path / "x.pt", progress=False)
     assert not (tmp_path / "x.pt").exists()
+
+
+# ---------------------------------------------- per-rank loading: only this rank's slots
+
+@pytest.mark.parametrize("hw", [(20, 24), (32, 32), (90, 50)])
+def test_skip_augment_draws_what_augment_draws(hw):
+    from bench.datasets.files import SegmentationFiles
+    from bench.train import skip_augment
+
+    files = SegmentationFiles("x", "train", [], ["a", "b"], train_short_side=40)
+    image = torch.randint(0, 256, (3, *hw), dtype=torch.uint8)
+    label = torch.zeros(hw, dtype=torch.long)
+    for aug, skip in ((augment, skip_augment), (files.augment, files.skip_augment)):
+        for seed in range(5):
+            a, b = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+            aug(image, label, 32, (0.5, 2.0), a)
+            skip(b)
+            assert torch.equal(a.get_state(), b.get_state()), (aug, hw, seed)
+
+
+class CountingDataset(torch.utils.data.Dataset):
+    """Counts the items decoded; ``own_augment``: brings an augment with no skip."""
+
+    def __init__(self, base, own_augment=False):
+        self.base, self.decoded = base, 0
+        if own_augment:
+            self.augment = augment
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        self.decoded += 1
+        return self.base[i]
+
+
+@pytest.mark.parametrize("own_augment", [False, True])
+def test_each_rank_builds_only_its_slots_and_gets_the_whole_batch_slice(toy_dataset, own_augment):
+    from bench.train import StepBatches
+
+    cfg = config(batch_size=8, crop_size=24)
+    whole = StepBatches(CountingDataset(toy_dataset), cfg)
+    for world in (2, 4):
+        for rank in range(world):
+            data = CountingDataset(toy_dataset, own_augment)
+            part = StepBatches(data, cfg, slots=range(rank, 8, world))
+            for step in (0, 5):
+                images, labels = whole[step]
+                mine = part[step]
+                assert torch.equal(mine[0], images[rank::world]) and torch.equal(mine[1], labels[rank::world])
+            # a skip: only this rank's images decoded; an augment without one: the whole batch
+            assert data.decoded == 2 * (8 if own_augment else 8 // world)
