@@ -257,6 +257,8 @@ def run(opts: RunOptions) -> list[dict]:
             "baseline_gflops": base_eval["gflops"]["mean"],
             "flops_unit": "GFLOPs (fvcore, MAC)",
             "tokens_per_block": result["tokens_per_block"],
+            # sliding windows: windows per forward in evaluation (speed: per batch size)
+            **({"forward_batch": result["forward_batch"]} if settings.mode != "whole" else {}),
             "speed": speed,
             "timing_images": len(timing),
             "seed": opts.seed,

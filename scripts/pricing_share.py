@@ -36,7 +36,8 @@ class TimedPricing:
 def measure(model, policy, val, prices, limit):
     timed = TimedPricing(flops.FlopModel(model, policy, prices))
     t0 = time.perf_counter()
-    result = evaluate(model, policy, val, EvalSettings(batch_size=8), timed, num_classes=7, limit=limit)
+    result = evaluate(model, policy, val, EvalSettings(batch_size=8, resize_short=160), timed, num_classes=7,
+                      limit=limit)  # the preset's resize rule
     return time.perf_counter() - t0, timed.seconds, result["gflops"]["mean"]
 
 
