@@ -220,3 +220,22 @@ def test_each_rank_builds_only_its_slots_and_gets_the_whole_batch_slice(toy_data
                 assert torch.equal(mine[0], images[rank::world]) and torch.equal(mine[1], labels[rank::world])
             # a skip: only this rank's images decoded; an augment without one: the whole batch
             assert data.decoded == 2 * (8 if own_augment else 8 // world)
+
+
+def test_train_precision_tf32_on_cpu_is_a_one_line_error_from_the_cli(tmp_path, capsys):
+    from tests.test_cli import assert_one_line_error, run_cli
+
+    code, _, err = run_cli(capsys, "train", "--train-precision", "tf32", "--checkpoints", str(tmp_path / "c"), "--quiet")
+    assert_one_line_error(code, err, "--train-precision tf32 needs a CUDA device")
+    assert code == 2 and not (tmp_path / "c").exists()
+
+
+def test_a_bf16_run_names_its_training_precision(tmp_path):
+    from bench import datasets
+    from bench.runspec import RunOptions, checkpoint_path, train_config
+
+    spec = datasets.get_spec("synthetic")
+    fp32 = train_config(RunOptions(), spec)
+    bf16 = train_config(RunOptions(train_precision="bf16"), spec)
+    assert fp32.hash() == "507ac65522a9"  # the stored baseline's configuration
+    assert bf16.precision == "bf16" and checkpoint_path(RunOptions(), bf16) != checkpoint_path(RunOptions(), fp32)
