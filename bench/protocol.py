@@ -426,7 +426,9 @@ def time_methods(runs: dict, images, settings: EvalSettings, *, batch_size: int,
         pairs = list(zip(images, labels if labels is not None else [None] * len(images)))
         batches = list(image_batches(pairs, per_pass, same_size=settings.mode == "whole"))
         chunks = [_stack_runs([image for image, _ in batch], settings.device) for batch in batches]
-        label_chunks = [torch.stack([label for _, label in batch]) for batch in batches] if labels is not None else None
+        # labels serve the oracle, which is whole-image only (windows mix label sizes)
+        label_chunks = ([torch.stack([label for _, label in batch]) for batch in batches]
+                        if labels is not None and settings.mode == "whole" else None)
     run_settings = replace(settings, batch_size=batch_size)
     rates = {name: [] for name in runs}
     latencies = {name: [] for name in runs}

@@ -40,6 +40,7 @@ from tqdm import tqdm
 from bench import distributed
 from bench.errors import BenchError
 from bench.fileio import atomic_write
+from bench.train_precision import autocast, check_train_precision, train_precision
 
 IGNORE_INDEX = 255
 # ViT/Segmenter normalisation (timm's augreg ViTs use mean = std = 0.5)
@@ -106,44 +107,6 @@ def learning_rate(cfg: TrainConfig, step: int) -> float:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
     return cfg.lr * (1 - progress) ** cfg.poly_power
-
-
-TRAIN_PRECISIONS = ("fp32", "tf32", "bf16")
-
-
-def check_train_precision(precision: str, device: str) -> None:
-    """A one-line error unless training can run at ``precision`` on ``device``'s kind."""
-    if precision not in TRAIN_PRECISIONS:
-        raise BenchError(f"--train-precision {precision!r}: expected one of {', '.join(TRAIN_PRECISIONS)} "
-                         "(fp16 training would need loss scaling; use bf16)")
-    kind = torch.device(device).type
-    if precision == "tf32" and kind != "cuda":
-        raise BenchError(f"--train-precision tf32 needs a CUDA device; on {kind} use fp32 or bf16")
-
-
-@contextlib.contextmanager
-def train_precision(precision: str, device: str):
-    """Around the whole training loop: TF32 matmuls and convolutions on CUDA for tf32 and
-    bf16 (what autocast leaves in fp32 runs in TF32), the flags restored after; fp32
-    changes nothing, so its numerics stay those of every stored checkpoint."""
-    cuda = torch.device(device).type == "cuda"
-    if precision == "fp32" or not cuda:
-        yield
-        return
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-
-
-def autocast(precision: str, device: str):
-    """The forward and loss of one step: bf16 autocast (weights, gradients and the
-    optimizer stay fp32), else nothing."""
-    if precision != "bf16":
-        return contextlib.nullcontext()
-    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
 
 
 def _rng(seed: int, *keys: int) -> torch.Generator:
@@ -435,7 +398,7 @@ def train(
     t0 = time.perf_counter()
     completed, stepping = start, False
     log = TrainingLog(log_path(path), log_every, start, enabled=rank == 0)
-    precision = contextlib.ExitStack()
+    precision = contextlib.ExitStack()  # closed in the finally below
     precision.enter_context(train_precision(cfg.precision, device))
     try:
         for step, (images, labels) in zip(range(start, end), loader):
