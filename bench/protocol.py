@@ -212,30 +212,33 @@ def predict_windows(model, policy, batches: list, settings: EvalSettings, *, sca
     fewer). Returns (one ``Prediction`` per batch, windows of each forward that ran);
     a window's logits are averaged where windows overlap, as one image at a time gives."""
     win, stride = settings.window, settings.stride
-    layouts, crops = [], []
-    for images in batches:
+    layouts, crops, places = [], [], []  # places: (batch, image, top, left) of every window, in order
+    for i, images in enumerate(batches):
         x = _prepare(images, settings, scale)
         h, w = x.shape[-2:]
         x = _pad_to(x, max(h, win), max(w, win))
         ph, pw = x.shape[-2:]
         boxes = [(t, l) for t in window_starts(ph, win, stride) for l in window_starts(pw, win, stride)]
         crops.append(torch.stack([x[:, :, t : t + win, l : l + win] for t, l in boxes], 1).flatten(0, 1))
-        layouts.append((images.shape, (h, w), (ph, pw), boxes))
+        places += [(i, b, t, l) for b in range(images.shape[0]) for t, l in boxes]
+        layouts.append((images.shape, (h, w), x.new_zeros(images.shape[0], model.num_classes, ph, pw),
+                        x.new_zeros(1, 1, ph, pw), boxes))
     chunks = torch.cat(crops).split(max(1, settings.batch_size))
-    outs = [_forward(model, policy, chunk, flop_model, False, settings) for chunk in chunks]
-    logits_all = torch.cat([o[0] for o in outs])
-    tokens_all, full_all = torch.cat([o[2] for o in outs]), torch.cat([o[3] for o in outs])
-    flops_all = torch.cat([o[1] for o in outs]) if flop_model is not None else None
+    stats, done = [], 0
+    for chunk in chunks:  # each forward's logits go onto their images at once: one chunk held at a time
+        logits, flops, tokens, full, _ = _forward(model, policy, chunk, flop_model, False, settings)
+        for row, (i, b, t, l) in enumerate(places[done : done + len(chunk)]):
+            layouts[i][2][b, :, t : t + win, l : l + win] += logits[row]
+        done += len(chunk)
+        stats.append((flops, tokens, full))
+    tokens_all, full_all = torch.cat([s[1] for s in stats]), torch.cat([s[2] for s in stats])
+    flops_all = torch.cat([s[0] for s in stats]) if flop_model is not None else None
     preds, start = [], 0
-    for (B, _, H, W), (h, w), (ph, pw), boxes in layouts:
+    for (B, _, H, W), (h, w), logits, hits, boxes in layouts:
         k = len(boxes)
         rows = slice(start, start + B * k)
         start += B * k
-        out = logits_all[rows].unflatten(0, (B, k))
-        logits = out.new_zeros(B, model.num_classes, ph, pw)
-        hits = out.new_zeros(1, 1, ph, pw)
-        for j, (t, l) in enumerate(boxes):
-            logits[:, :, t : t + win, l : l + win] += out[:, j]
+        for t, l in boxes:
             hits[:, :, t : t + win, l : l + win] += 1
         logits = (logits / hits)[..., :h, :w]
         if (h, w) != (H, W):
