@@ -28,6 +28,8 @@ def train_options(f):
         click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N"),
         click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True, help="torch CPU threads"),
         click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--train-precision", type=click.Choice(["fp32", "tf32", "bf16"]), default="fp32", show_default=True,
+                     help="training: bf16 autocast (TF32 on CUDA) or tf32 (CUDA); part of a checkpoint's identity"),
         click.option("--checkpoints", default="checkpoints", show_default=True, help="checkpoint folder"),
         click.option("--quiet", is_flag=True, help="no progress bars"),
         click.option("--tensorboard", is_flag=True,
@@ -76,7 +78,7 @@ def execution_options(f):
     f = click.option("--compile", is_flag=True,
                      help="torch.compile the blocks and decoder for evaluation and timing")(f)
     return click.option("--precision", type=click.Choice(["fp32", "tf32", "bf16", "fp16"]), default="fp32",
-                        show_default=True, help="evaluation and timing (training stays fp32); cpu: fp32 or bf16")(f)
+                        show_default=True, help="evaluation and timing (training: --train-precision); cpu: fp32 or bf16")(f)
 
 
 def _require_device(device: str, here: bool = True) -> None:
@@ -350,8 +352,10 @@ def sweep(methods, ops, cluster, folder, partition, gpus_per_node, cpus_per_task
 @click.option("--workers", type=click.IntRange(min=0), default=None,
               help="--speed: DataLoader workers (default: what training uses)")
 @click.option("--device", default="cpu", show_default=True, help="--speed: copy batches to this device (pinned memory on cuda)")
+@click.option("--ranks", type=click.IntRange(min=1), default=1, show_default=True,
+              help="--speed: time rank 0's loader of this many torchrun processes (its slots of each batch)")
 @click.option("--name", "dataset_name", default=None, help="folder datasets: the name to check (default: bench.json's)")
-def datasets_cmd(data_root, names, speed, batches, workers, device, dataset_name):
+def datasets_cmd(data_root, names, speed, batches, workers, device, dataset_name, ranks):
     """Known datasets: where each is looked for (and why there: --data-root, its
     environment variable or the default), found or not, image counts per split, and what
     is wrong with a tree that is malformed. Exit code 2 when a dataset named with
@@ -377,8 +381,10 @@ def datasets_cmd(data_root, names, speed, batches, workers, device, dataset_name
         if not s["found"]:
             unusable.append(name)
         if speed and s["found"]:
-            r = datasets.loader_speed(name, data_root, batches=batches, workers=workers, device=device, as_name=named)
-            click.echo(f"{'':10s} training loader: {r['images_per_s']:.1f} images/s ({r['images']} images in "
+            r = datasets.loader_speed(name, data_root, batches=batches, workers=workers, device=device, as_name=named,
+                                      ranks=ranks)
+            per_rank = f" per rank of {ranks}, {r['steps_per_s']:.2f} global batches/s" if ranks > 1 else ""
+            click.echo(f"{'':10s} training loader: {r['images_per_s']:.1f} images/s{per_rank} ({r['images']} images in "
                        f"{r['batches']} batches of {r['batch_size']}, crops {r['crop_size']}, workers {r['workers']}, "
                        f"pin_memory={r['pin_memory']})")
     asked = [n for n in unusable if n in names]

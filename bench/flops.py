@@ -4,13 +4,18 @@ model that prices an encoder's compute trace.
 Adaptive methods run different amounts of compute per image, and a batched forward
 pads to the batch maximum, so counting a batch with fvcore says nothing about one
 image. ``FlopModel`` instead prices what each image's trace says ran: embed + every
-(component, token count) item + decode, each counted once with fvcore and cached.
+(component, token count) item + decode, each counted once with fvcore and cached in
+the run's ``PriceCache``; a block's (and a policy's declared quadratic components')
+count is an exact polynomial of the token count, fitted once from a few fvcore counts.
 """
 from __future__ import annotations
 
 import math
+import time
 import warnings
+import weakref
 from contextlib import contextmanager
+from fractions import Fraction
 from typing import Callable, Union
 
 import torch
@@ -89,37 +94,116 @@ def count_flops(fn: Union[nn.Module, Callable], inputs: tuple, attention: bool =
         return int(analysis.total())
 
 
-class FlopModel:
-    """Per-image FLOPs of a Segmenter forward under ``policy``, priced from its trace."""
+# a component declared quadratic is counted at these token counts, fitted exactly on the
+# first three and checked on the others (both parities); a mismatch falls back to tracing
+QUADRATIC_FIT = (1, 2, 3)
+QUADRATIC_CHECK = (4, 5, 8)
+QUADRATIC_MODEL_KEYS = (("block",),)  # a timm block: linear layers, norms, n^2 attention
 
-    def __init__(self, model: nn.Module, policy: Policy | None = None):
+
+class PriceCache:
+    """FLOP prices shared by every ``FlopModel`` of one run: one entry per model (held
+    weakly) for its model-level components (blocks, embedding, decoder), so a sweep's
+    operating points, the baseline and the control price each token count once.
+
+    ``traces`` and ``seconds`` say how many fvcore counts ran and how long they took.
+    """
+
+    def __init__(self):
+        self._models: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+        self.traces = 0
+        self.seconds = 0.0
+
+    def table(self, model: nn.Module) -> dict:
+        return self._models.setdefault(model, {})
+
+    def count(self, count: Callable[[], int]) -> int:
+        t0 = time.perf_counter()
+        try:
+            return int(count())
+        finally:
+            self.traces += 1
+            self.seconds += time.perf_counter() - t0
+
+
+def fit_quadratic(values: dict) -> Union[tuple, None]:
+    """(a, b, c) with a n^2 + b n + c equal to ``values`` (n -> flops) at every point,
+    fitted on ``QUADRATIC_FIT`` and checked on the rest; None when they are not such a
+    polynomial with integer values."""
+    (n1, f1), (n2, f2), (n3, f3) = ((n, Fraction(values[n])) for n in QUADRATIC_FIT)
+    a = ((f3 - f2) / (n3 - n2) - (f2 - f1) / (n2 - n1)) / (n3 - n1)
+    b = (f2 - f1) / (n2 - n1) - a * (n1 + n2)
+    c = f1 - a * n1 * n1 - b * n1
+    if all(a * n * n + b * n + c == f for n, f in values.items()):
+        return a, b, c
+    return None
+
+
+class FlopModel:
+    """Per-image FLOPs of a Segmenter forward under ``policy``, priced from its trace.
+
+    Each (component, token count) is counted by fvcore once, except components whose
+    count is a quadratic polynomial of the token count (every encoder block; a policy's
+    ``quadratic_costs``): those are counted at a few small token counts, the exact
+    polynomial fitted and checked there, and evaluated for any count after that, which
+    tests hold equal to fvcore. ``prices``: the run's shared ``PriceCache``.
+    """
+
+    def __init__(self, model: nn.Module, policy: Policy | None = None, prices: PriceCache | None = None):
         self.model = model
         self.policy = policy or Policy()
-        self._costs: dict = {}  # (key, n) or ("embed"/"decode", image size) -> flops
+        self.prices = prices if prices is not None else PriceCache()
+        self._shared = self.prices.table(model)  # model-level: any policy on this model
+        self._costs: dict = {}  # the policy's own components: (key, n) -> flops
 
-    def _cached(self, key, count: Callable[[], int]) -> int:
-        if key not in self._costs:
-            self._costs[key] = count()
-        return self._costs[key]
+    def _cached(self, key, count: Callable[[], int], table: dict | None = None) -> int:
+        table = self._shared if table is None else table
+        if key not in table:
+            table[key] = self.prices.count(count)
+        return table[key]
 
     def _param(self) -> Tensor:
         return next(self.model.parameters())
+
+    def _counter(self, key: tuple) -> tuple[Callable[[int], Callable[[], int]], dict]:
+        """(n -> fvcore count of ``key`` at n tokens, the table its prices live in)."""
+        if key == ("block",):
+            def at(n):
+                def count():  # every encoder block has the same shape
+                    p = self._param()
+                    x = torch.zeros(1, n, self.model.config.embed_dim, dtype=p.dtype, device=p.device)
+                    return count_flops(self.model.blocks[0], (x,))
+                return count
+            return at, self._shared
+
+        def probe(n):
+            def count():
+                fn, inputs = self.policy.cost_probe(self.model, key, n)
+                return count_flops(fn, inputs, owner=self.model)  # probes may use its weights
+            return count
+        return probe, self._costs
+
+    def _quadratic(self, key: tuple, at, table: dict):
+        """The fitted polynomial of ``key`` (None: not one, priced per count)."""
+        if ("quadratic", key) not in table:
+            values = {n: self._cached((key, n), at(n), table) for n in QUADRATIC_FIT + QUADRATIC_CHECK}
+            table[("quadratic", key)] = fit_quadratic(values)
+        return table[("quadratic", key)]
 
     def cost(self, key: tuple, n: int) -> int:
         """FLOPs of component ``key`` run on ``n`` tokens of one image."""
         n = int(n)
         if n == 0:
             return 0
-        if key == ("block",):
-            def count():  # every encoder block has the same shape
-                p = self._param()
-                x = torch.zeros(1, n, self.model.config.embed_dim, dtype=p.dtype, device=p.device)
-                return count_flops(self.model.blocks[0], (x,))
-        else:
-            def count():
-                fn, inputs = self.policy.cost_probe(self.model, key, n)
-                return count_flops(fn, inputs, owner=self.model)  # probes may use its weights
-        return self._cached((key, n), count)
+        at, table = self._counter(key)
+        if (key, n) in table:
+            return table[(key, n)]
+        if key in QUADRATIC_MODEL_KEYS or key in tuple(getattr(self.policy, "quadratic_costs", ())):
+            poly = self._quadratic(key, at, table)
+            if poly is not None:
+                a, b, c = poly
+                return int(a * n * n + b * n + c)
+        return self._cached((key, n), at(n), table)
 
     def embed_flops(self, image_hw: tuple[int, int]) -> int:
         """Patch embedding + position-embedding resize for one image."""

@@ -15,6 +15,7 @@ import torch
 from bench import datasets
 from bench.errors import BenchError
 from bench.imported import stored_baseline
+from bench.train import check_train_precision
 from bench.protocol import attach_labels, check_execution, predict
 from bench.results import ResultsStore, op_label
 from bench.runspec import (RunOptions, _model_config, _settings, checkpoint_groups, checkpoint_path, dataset_spec, eval_images,
@@ -208,6 +209,7 @@ def validate(opts: RunOptions, spec: Optional[datasets.DatasetSpec] = None, ops:
     if opts.threads < 1 or opts.batch_size < 1:
         raise BenchError("--threads and --batch-size must be at least 1")
     check_execution(opts.precision, opts.device, opts.compile, opts.compile_backend, probe=device_here)
+    check_train_precision(opts.train_precision, opts.device)
     if opts.tensorboard:
         from bench.provenance import check_tensorboard
 

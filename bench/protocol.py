@@ -137,6 +137,7 @@ class Prediction:
     tokens: Optional[Tensor] = None  # (B, depth) tokens each block processed, windows summed
     full_tokens: Optional[Tensor] = None  # (B,) tokens per block of the full model
     left_at: Optional[list] = None  # per image: (grid_h, grid_w) layer each patch left at
+    forwards: Optional[list] = None  # rows of each model forward that ran: images (whole) or windows (slide)
 
 
 def window_starts(size: int, window: int, stride: int) -> list[int]:
@@ -164,55 +165,111 @@ def _forward(model, policy, x: Tensor, flop_model, keep_maps: bool, settings: Ev
     return logits, flops, tokens, full, maps
 
 
-def predict(model, policy, images: Tensor, settings: EvalSettings, *, scale: float = 1.0,
-            flop_model=None, keep_maps: bool = False) -> Prediction:
-    """Segment uint8 images (B, 3, H, W) of one size; logits come back at (H, W).
-
-    ``scale`` resizes the input first (static references); the image is padded to a
-    multiple of the patch size (and to the window where smaller) and logits cropped back.
-    """
-    B, _, H, W = images.shape
-    config = getattr(model, "config", None)  # the model's own input statistics (imported ones differ)
+def _prepare(model, images: Tensor, settings: EvalSettings, scale: float) -> Tensor:
+    """uint8 images -> normalised float on the device (the model's own input statistics:
+    imported ones differ), with the dataset's resize rule and the static scale applied in
+    one resampling."""
+    H, W = images.shape[-2:]
+    config = getattr(model, "config", None)
     x = normalize(images.to(settings.device), getattr(config, "mean", None), getattr(config, "std", None))
-    if settings.resize_short:  # the dataset's resize rule, then the static scale, in one resampling
+    if settings.resize_short:
         f = scale * settings.resize_short / min(H, W)
         size = (max(1, round(H * f)), max(1, round(W * f)))
         if size != (H, W):
             x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
     elif scale != 1.0:
         x = F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False, recompute_scale_factor=False)
+    return x
+
+
+def predict(model, policy, images: Tensor, settings: EvalSettings, *, scale: float = 1.0,
+            flop_model=None, keep_maps: bool = False) -> Prediction:
+    """Segment uint8 images (B, 3, H, W) of one size; logits come back at (H, W).
+
+    ``scale`` resizes the input first (static references); the image is padded to a
+    multiple of the patch size (and to the window where smaller) and logits cropped back.
+    Sliding windows: ``predict_windows`` (this batch's windows, ``batch_size`` a forward).
+    """
+    if settings.mode != "whole":
+        (pred,), forwards = predict_windows(model, policy, [images], settings, scale=scale, flop_model=flop_model)
+        pred.forwards = forwards
+        return pred
+    B, _, H, W = images.shape
+    x = _prepare(model, images, settings, scale)
     h, w = x.shape[-2:]
     p = model.patch_size
-    if settings.mode == "whole":
-        x = _pad_to(x, -(-h // p) * p, -(-w // p) * p)
-        logits, flops, tokens, full, maps = _forward(model, policy, x, flop_model, keep_maps, settings)
-        logits = logits[..., :h, :w]
-        left_at = list(maps) if maps is not None else None
-    else:
-        win, stride = settings.window, settings.stride
+    x = _pad_to(x, -(-h // p) * p, -(-w // p) * p)
+    logits, flops, tokens, full, maps = _forward(model, policy, x, flop_model, keep_maps, settings)
+    logits = logits[..., :h, :w]
+    if (h, w) != (H, W):
+        logits = F.interpolate(logits, size=(H, W), mode="bilinear", align_corners=False)
+    return Prediction(logits, flops, tokens, full, list(maps) if maps is not None else None, forwards=[B])
+
+
+def predict_windows(model, policy, batches: list, settings: EvalSettings, *, scale: float = 1.0,
+                    flop_model=None) -> tuple[list, list]:
+    """Sliding-window inference on several batches of uint8 images ((B_i, 3, H_i, W_i),
+    sizes may differ between batches): every window is its own image, and the windows of
+    all of them, in order, run ``settings.batch_size`` per forward across image
+    boundaries, so batch b means b windows a forward (only the call's last may have
+    fewer). Returns (one ``Prediction`` per batch, windows of each forward that ran);
+    a window's logits are averaged where windows overlap, as one image at a time gives."""
+    win, stride = settings.window, settings.stride
+    layouts, crops, places = [], [], []  # places: (batch, image, top, left) of every window, in order
+    for i, images in enumerate(batches):
+        x = _prepare(model, images, settings, scale)
+        h, w = x.shape[-2:]
         x = _pad_to(x, max(h, win), max(w, win))
         ph, pw = x.shape[-2:]
         boxes = [(t, l) for t in window_starts(ph, win, stride) for l in window_starts(pw, win, stride)]
-        logits = x.new_zeros(B, model.num_classes, ph, pw)
-        hits = x.new_zeros(1, 1, ph, pw)
-        flops, left_at = None, None
-        crops = torch.stack([x[:, :, t : t + win, l : l + win] for t, l in boxes], 1).flatten(0, 1)
-        outs = []
-        for chunk in crops.split(max(1, settings.batch_size)):
-            out, f, tk, fu, _ = _forward(model, policy, chunk, flop_model, False, settings)
-            outs.append((out, f, tk, fu))
-        out = torch.cat([o[0] for o in outs]).unflatten(0, (B, len(boxes)))
-        for k, (t, l) in enumerate(boxes):
-            logits[:, :, t : t + win, l : l + win] += out[:, k]
+        crops.append(torch.stack([x[:, :, t : t + win, l : l + win] for t, l in boxes], 1).flatten(0, 1))
+        places += [(i, b, t, l) for b in range(images.shape[0]) for t, l in boxes]
+        layouts.append((images.shape, (h, w), x.new_zeros(images.shape[0], model.num_classes, ph, pw),
+                        x.new_zeros(1, 1, ph, pw), boxes))
+    chunks = torch.cat(crops).split(max(1, settings.batch_size))
+    stats, done = [], 0
+    for chunk in chunks:  # each forward's logits go onto their images at once: one chunk held at a time
+        logits, flops, tokens, full, _ = _forward(model, policy, chunk, flop_model, False, settings)
+        for row, (i, b, t, l) in enumerate(places[done : done + len(chunk)]):
+            layouts[i][2][b, :, t : t + win, l : l + win] += logits[row]
+        done += len(chunk)
+        stats.append((flops, tokens, full))
+    tokens_all, full_all = torch.cat([s[1] for s in stats]), torch.cat([s[2] for s in stats])
+    flops_all = torch.cat([s[0] for s in stats]) if flop_model is not None else None
+    preds, start = [], 0
+    for (B, _, H, W), (h, w), logits, hits, boxes in layouts:
+        k = len(boxes)
+        rows = slice(start, start + B * k)
+        start += B * k
+        for t, l in boxes:
             hits[:, :, t : t + win, l : l + win] += 1
         logits = (logits / hits)[..., :h, :w]
-        tokens = torch.cat([o[2] for o in outs]).unflatten(0, (B, len(boxes))).sum(1)
-        full = torch.cat([o[3] for o in outs]).unflatten(0, (B, len(boxes))).sum(1)
-        if flop_model is not None:
-            flops = torch.cat([o[1] for o in outs]).unflatten(0, (B, len(boxes))).sum(1)
-    if (h, w) != (H, W):
-        logits = F.interpolate(logits, size=(H, W), mode="bilinear", align_corners=False)
-    return Prediction(logits, flops, tokens, full, left_at)
+        if (h, w) != (H, W):
+            logits = F.interpolate(logits, size=(H, W), mode="bilinear", align_corners=False)
+        flops = flops_all[rows].unflatten(0, (B, k)).sum(1) if flops_all is not None else None
+        preds.append(Prediction(logits, flops, tokens_all[rows].unflatten(0, (B, k)).sum(1),
+                                full_all[rows].unflatten(0, (B, k)).sum(1)))
+    return preds, [len(chunk) for chunk in chunks]
+
+
+def predict_group(model, policy, group: list, settings: EvalSettings, *, scale: float = 1.0,
+                  flop_model=None) -> tuple[list, list]:
+    """(image, label) pairs -> ([(labels, Prediction) per run of equal-size images],
+    rows of each forward). Whole images: ``group`` is one equal-size batch, one forward;
+    sliding windows: the windows of the whole group share forwards (``predict_windows``)."""
+    runs = [list(run) for run in image_batches(group, len(group))]  # consecutive equal sizes
+    images = [torch.stack([image for image, _ in run]) for run in runs]
+    labels = [torch.stack([label for _, label in run]) for run in runs]
+    if settings.mode == "whole":
+        preds = []
+        for imgs, labs in zip(images, labels):
+            attach_labels(policy, labs, settings, scale)
+            preds.append(predict(model, policy, imgs, settings, scale=scale, flop_model=flop_model))
+        return list(zip(labels, preds)), [n for p in preds for n in p.forwards]
+    if getattr(policy, "needs_labels", False):
+        attach_labels(policy, labels[0], settings, scale)  # refuses: the oracle is whole-image only
+    preds, forwards = predict_windows(model, policy, images, settings, scale=scale, flop_model=flop_model)
+    return list(zip(labels, preds)), forwards
 
 
 def _items(dataset, indices):
@@ -225,14 +282,15 @@ def _items(dataset, indices):
     return iter(torch.utils.data.DataLoader(subset, batch_size=None, num_workers=workers))
 
 
-def image_batches(dataset, batch_size: int, limit: Optional[int] = None, indices=None):
-    """Consecutive images of equal size, at most ``batch_size`` at a time: the first
-    ``limit`` images, or those at ``indices`` (in that order)."""
+def image_batches(dataset, batch_size: int, limit: Optional[int] = None, indices=None, same_size: bool = True):
+    """Consecutive images of equal size (``same_size``; else of any sizes), at most
+    ``batch_size`` at a time: the first ``limit`` images, or those at ``indices`` (in
+    that order)."""
     if indices is None:
         indices = range(len(dataset) if limit is None else min(limit, len(dataset)))
     batch: list = []
     for image, label in _items(dataset, indices):
-        if batch and (len(batch) == batch_size or batch[0][0].shape != image.shape):
+        if batch and (len(batch) == batch_size or (same_size and batch[0][0].shape != image.shape)):
             yield batch
             batch = []
         batch.append((image, label))
@@ -265,23 +323,23 @@ def evaluate(model, policy, dataset, settings: EvalSettings, flop_model, *, num_
     inters, unions = [], []  # per image and class, for the bootstrap intervals (bench.stats)
     n = len(dataset) if limit is None else min(limit, len(dataset))
     mine = distributed.shard(n)
-    per_forward = settings.batch_size if settings.mode == "whole" else 1
     bar = tqdm(total=len(mine), desc=f"eval {getattr(policy, 'name', '')}", unit="img",
                disable=not progress or not distributed.is_main(), leave=False)
-    for batch in image_batches(dataset, per_forward, indices=mine):
-        images = torch.stack([b[0] for b in batch])
-        labels = torch.stack([b[1] for b in batch])
-        attach_labels(policy, labels, settings, scale)
-        pred = predict(model, policy, images, settings, scale=scale, flop_model=flop_model)
-        classes = pred.logits.argmax(1).cpu()
-        cm.update(classes, labels)
-        inter, union = per_image_counts(classes, labels, num_classes, ignore_index)
-        inters.append(inter)
-        unions.append(union)
-        flops.append(pred.flops)
-        tokens = tokens + pred.tokens.sum(0)
-        full = full + pred.full_tokens.sum()
-        bar.update(len(batch))
+    forwards = []  # rows of each forward: images (whole) or windows (slide, across images)
+    whole = settings.mode == "whole"
+    for group in image_batches(dataset, settings.batch_size, indices=mine, same_size=whole):
+        runs, ran = predict_group(model, policy, group, settings, scale=scale, flop_model=flop_model)
+        forwards += ran
+        for labels, pred in runs:
+            classes = pred.logits.argmax(1).cpu()
+            cm.update(classes, labels)
+            inter, union = per_image_counts(classes, labels, num_classes, ignore_index)
+            inters.append(inter)
+            unions.append(union)
+            flops.append(pred.flops)
+            tokens = tokens + pred.tokens.sum(0)
+            full = full + pred.full_tokens.sum()
+        bar.update(len(group))
     bar.close()
     flops = torch.cat(flops) if flops else torch.zeros(0, dtype=torch.long)
     empty = torch.zeros(0, num_classes, dtype=torch.long)
@@ -305,7 +363,24 @@ def evaluate(model, policy, dataset, settings: EvalSettings, flop_model, *, num_
         "tokens_per_block": (tokens.double() / float(full)).tolist(),
         "images": n,
         "per_image": (inters.numpy(), unions.numpy()),  # (n, C) intersections and unions, split order
+        "forward_batch": forward_batch(forwards),  # this process's forwards
     }
+
+
+def forward_batch(forwards: list) -> dict:
+    """What "batch" meant in the forwards that ran: their mean and largest number of
+    rows (images, or windows under sliding windows) and how many forwards ran."""
+    return {"mean": sum(forwards) / len(forwards) if forwards else 0.0, "max": max(forwards, default=0),
+            "forwards": len(forwards)}
+
+
+def _stack_runs(images: list, device):
+    """Images of any sizes -> one (B, 3, H, W) tensor when all agree, else a list of
+    such tensors, one per run of equal sizes (``predict_windows`` takes either)."""
+    runs = [[image for image, _ in run] for run in image_batches([(im, None) for im in images], len(images))]
+    if len(runs) == 1:
+        return torch.stack(runs[0]).to(device)
+    return [torch.stack(run).to(device) for run in runs]
 
 
 def _sync(device) -> None:
@@ -356,21 +431,24 @@ def time_methods(runs: dict, images, settings: EvalSettings, *, batch_size: int,
     unlabelled = [name for name, (_, policy, _) in runs.items() if getattr(policy, "needs_labels", False)]
     if unlabelled and labels is None:
         raise BenchError(f"timing {', '.join(unlabelled)} needs the timing images' labels")
-    # whole images: `batch_size` images per forward; windows: one image at a time, its
-    # windows `batch_size` per forward
-    per_pass = batch_size if settings.mode == "whole" else 1
+    # whole images: `batch_size` images per forward; windows: `batch_size` images a pass,
+    # their windows `batch_size` per forward across images (``predict_windows``)
+    per_pass = batch_size
     if isinstance(images, Tensor):
         images = images.to(settings.device)
         chunks = images.split(per_pass)
         label_chunks = labels.split(per_pass) if labels is not None else None
     else:
         pairs = list(zip(images, labels if labels is not None else [None] * len(images)))
-        batches = list(image_batches(pairs, per_pass))
-        chunks = [torch.stack([image for image, _ in batch]).to(settings.device) for batch in batches]
-        label_chunks = [torch.stack([label for _, label in batch]) for batch in batches] if labels is not None else None
+        batches = list(image_batches(pairs, per_pass, same_size=settings.mode == "whole"))
+        chunks = [_stack_runs([image for image, _ in batch], settings.device) for batch in batches]
+        # labels serve the oracle, which is whole-image only (windows mix label sizes)
+        label_chunks = ([torch.stack([label for _, label in batch]) for batch in batches]
+                        if labels is not None and settings.mode == "whole" else None)
     run_settings = replace(settings, batch_size=batch_size)
     rates = {name: [] for name in runs}
     latencies = {name: [] for name in runs}
+    ran = {name: [] for name in runs}  # rows of each forward of one pass
     device = torch.device(settings.device)  # where the models and the images are
     for r in range(warmup + repeats):
         for name, (model, policy, scale) in runs.items():
@@ -381,8 +459,13 @@ def time_methods(runs: dict, images, settings: EvalSettings, *, batch_size: int,
                 if label_chunks is not None and getattr(policy, "needs_labels", False):
                     policy.pixel_labels = label_chunks[k].to(settings.device)  # this chunk's, as evaluated
                 t0 = time.perf_counter()
-                predict(model, policy, chunk, run_settings, scale=scale)
+                if isinstance(chunk, Tensor):
+                    forwards = predict(model, policy, chunk, run_settings, scale=scale).forwards
+                else:  # sliding windows over images of several sizes
+                    forwards = predict_windows(model, policy, chunk, run_settings, scale=scale)[1]
                 _sync(device)
+                if r == 0:
+                    ran[name] += forwards
                 if r >= warmup and batch_size == 1:
                     latencies[name].append((time.perf_counter() - t0) * 1e3)
             elapsed = time.perf_counter() - start
@@ -393,6 +476,8 @@ def time_methods(runs: dict, images, settings: EvalSettings, *, batch_size: int,
         s = spread(rates[name])
         entry = {"throughput": statistics.median(rates[name]), "throughput_iqr": s["iqr"],
                  "throughput_range": s["range"], "repeats": rates[name]}
+        if settings.mode != "whole":  # whole: the batch size itself
+            entry["forward_batch"] = forward_batch(ran[name])
         if latencies[name]:
             q = torch.tensor(latencies[name]).quantile(torch.tensor([0.5, 0.9])).tolist()
             entry["latency_ms"] = {"p50": q[0], "p90": q[1]}

@@ -21,7 +21,7 @@ import torch
 
 from bench import datasets, distributed, per_image
 from bench.errors import BenchError
-from bench.flops import FlopModel
+from bench.flops import FlopModel, PriceCache
 from bench.imported import imported_baseline, stored_baseline  # noqa: F401 (part of the runner's API)
 from bench.planning import (check_device, check_folder, check_seed, check_ops, describe_plan, pending_ops, plan,  # noqa: F401
                             training_plan, validate)
@@ -267,15 +267,16 @@ def run(opts: RunOptions) -> list[dict]:
     common = dict(num_classes=spec.num_classes, limit=opts.limit, progress=opts.progress)
 
     base_policy = Policy()
-    base_eval = evaluate(base_model, base_policy, val, settings, FlopModel(base_model, base_policy), **common)
-    evals = [evaluate(model, policy, val, settings, FlopModel(model, policy), scale=scale, **common)
+    prices = PriceCache()  # one per run: every operating point prices a token count once
+    base_eval = evaluate(base_model, base_policy, val, settings, FlopModel(base_model, base_policy, prices), **common)
+    evals = [evaluate(model, policy, val, settings, FlopModel(model, policy, prices), scale=scale, **common)
              for _, policy, scale in policies]
     control = None  # fine-tuned methods are also compared with the equal-budget control
     if method.name == CONTROL:
         control = {"checkpoint": checkpoint, "miou": evals[0]["miou"], "per_image": evals[0]["per_image"]}
     elif method.fine_tune is not None:
         control = control_reference(opts, spec, base_cfg, base_model, base_payload, lambda m: evaluate(
-            m, base_policy, val, settings, FlopModel(m, base_policy), **common))
+            m, base_policy, val, settings, FlopModel(m, base_policy, prices), **common))
     if not distributed.is_main():  # timing is one process's job: wait for rank 0 to time and write
         distributed.barrier()
         return []
@@ -314,11 +315,14 @@ def run(opts: RunOptions) -> list[dict]:
             "baseline_gflops": base_eval["gflops"]["mean"],
             "flops_unit": "GFLOPs (fvcore, MAC)",
             "tokens_per_block": result["tokens_per_block"],
+            # sliding windows: windows per forward in evaluation (speed: per batch size)
+            **({"forward_batch": result["forward_batch"]} if settings.mode != "whole" else {}),
             "speed": speed,
             "timing_images": len(timing),
             "seed": opts.seed,
             "train": {"steps": base_cfg.steps, "config_hash": payload["config"].get("hash"),
-                      **({"config": payload["train_config"]} if payload.get("train_config") else {})},
+                      **({"config": payload["train_config"]} if payload.get("train_config") else {}),
+                      **({"precision": base_cfg.precision} if base_cfg.precision != "fp32" else {})},
             **{k: v for k, v in (("train_fingerprint", payload.get("train_fingerprint")),
                                  ("train_threads", payload.get("threads"))) if v is not None},
             **({"eval_processes": distributed.world_size()} if distributed.is_distributed() else {}),

@@ -45,7 +45,8 @@ class RunOptions:
     progress: bool = True
     extra: dict = field(default_factory=dict)
     dataset_name: Optional[str] = None  # --name: what a folder dataset is called (default: its bench.json's)
-    precision: str = "fp32"  # evaluation and timing (training is fp32): fp32, tf32, bf16, fp16
+    precision: str = "fp32"  # evaluation and timing: fp32, tf32, bf16, fp16
+    train_precision: str = "fp32"  # training (bench.train.train_precision): fp32, tf32, bf16
     compile: bool = False  # torch.compile the blocks and decoder for evaluation and timing
     compile_backend: Optional[object] = None  # None: $BENCH_COMPILE_BACKEND or inductor (tests: a cheap one)
     tensorboard: bool = False  # training also writes TensorBoard events beside its JSONL log
@@ -114,7 +115,7 @@ def train_config(opts: RunOptions, spec: datasets.DatasetSpec, method: str = "ba
                        model_overrides=overrides, method=method, pretrained=opts.pretrained,
                        steps=opts.steps or p.steps, batch_size=p.batch_size, lr=p.lr,
                        crop_size=crop, scale_range=p.scale_range, seed=opts.seed,
-                       optimizer=p.optimizer, weight_decay=p.weight_decay, **over)
+                       optimizer=p.optimizer, weight_decay=p.weight_decay, precision=opts.train_precision, **over)
 
 
 def checkpoint_path(opts: RunOptions, cfg: TrainConfig) -> Path:

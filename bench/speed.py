@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 
 from bench.errors import BenchError
-from bench.flops import FlopModel
+from bench.flops import FlopModel, PriceCache
 from bench.protocol import EvalSettings, check_execution, predict, speed_entry, time_methods
 from bench.results import SCHEMA_VERSION, ResultsStore, op_label
 from methods import early_exit, paumer, tome
@@ -227,9 +227,11 @@ def run_speed(opts: SpeedOptions) -> list[dict]:
 
     flops = {}  # name -> (B,) per image, from one untimed pass at the largest batch
     tokens = {}
+    prices = PriceCache()  # every run's blocks on this model priced once
     with torch.inference_mode():
         for name, (_, m, policy, scale, _) in runs.items():
-            parts = [predict(m, policy, chunk, settings, scale=scale, flop_model=FlopModel(m, policy))
+            flop_model = FlopModel(m, policy, prices)
+            parts = [predict(m, policy, chunk, settings, scale=scale, flop_model=flop_model)
                      for chunk in images.split(settings.batch_size)]
             flops[name] = torch.cat([p.flops for p in parts]).double() / 1e9
             t = sum(p.tokens.sum(0) for p in parts)

@@ -7,8 +7,9 @@ resumed from its last checkpoint reaches the same weights as an uninterrupted ru
 A method that fine-tunes (PAUMER, early exit) passes a ``loss_fn`` and extra modules.
 
 Under torchrun (``bench.distributed``) the loop runs with DistributedDataParallel:
-``cfg.batch_size`` is the *global* batch; every process builds the same deterministic
-batch of step ``s`` and trains on its strided slice (rank, rank + W, ...), gradients are
+``cfg.batch_size`` is the *global* batch; every process decodes and augments only its
+strided slice (rank, rank + W, ...) of the deterministic batch of step ``s`` (the other
+slots' random draws skipped, ``StepBatches``) and trains on it, gradients are
 averaged across processes, and the learning rate is unchanged, so a run means the same
 thing on 1 or N processes. Only rank 0 writes checkpoints, the training log and shows
 progress.
@@ -24,6 +25,7 @@ goes into every checkpoint (``train_config``) and beside it (``x.config.json``).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -31,7 +33,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +44,7 @@ from bench import distributed
 from bench.errors import BenchError
 from bench.fileio import atomic_write
 from bench.provenance import TensorBoardLog, full_config, write_config
+from bench.train_precision import autocast, check_train_precision, train_precision
 
 IGNORE_INDEX = 255
 # ViT/Segmenter normalisation (timm's augreg ViTs use mean = std = 0.5)
@@ -68,12 +71,15 @@ class TrainConfig:
     scale_range: tuple = (0.5, 2.0)
     seed: int = 0
     optimizer: str = "adamw"  # or "sgd": momentum 0.9 (Segmenter's recipe on real data)
+    precision: str = "fp32"  # or "bf16" (autocast; TF32 on CUDA) or "tf32" (CUDA): ``train_precision``
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["scale_range"] = list(self.scale_range)
         if d["optimizer"] == "adamw":  # added later: the default keeps earlier config hashes
             del d["optimizer"]
+        if d["precision"] == "fp32":  # likewise: fp32 checkpoints keep their hashes
+            del d["precision"]
         # the model's class token counts only when on (a preset's default included): a model
         # without one hashes as before the option, one with it never loads another's weights
         d["model_overrides"] = {k: v for k, v in d["model_overrides"].items()
@@ -155,12 +161,30 @@ def augment(image: Tensor, label: Tensor, crop: int, scale_range, g: torch.Gener
     return img.round().clamp(0, 255).to(torch.uint8), lab
 
 
-class StepBatches(torch.utils.data.Dataset):
-    """Item ``s`` is the whole augmented batch of step ``s``: a pure function of
-    (seed, s), so DataLoader workers and resumed runs see exactly the same batches."""
+def skip_augment(g: torch.Generator) -> None:
+    """Advance ``g`` past exactly what ``augment`` draws for one image (a uniform, two
+    integers, a uniform: a fixed count whatever the sizes), without an image: a process
+    that augments only its slots of a batch still gives each slot its draws."""
+    torch.rand((), generator=g)
+    torch.randint(0, 1, (), generator=g)
+    torch.randint(0, 1, (), generator=g)
+    torch.rand((), generator=g)
 
-    def __init__(self, dataset, cfg: TrainConfig):
+
+class StepBatches(torch.utils.data.Dataset):
+    """Item ``s`` is the augmented batch of step ``s``: a pure function of (seed, s), so
+    DataLoader workers and resumed runs see exactly the same batches.
+
+    ``slots``: the positions of the global batch this process trains on (under torchrun
+    rank, rank + W, ...); only those images are decoded and augmented, the others' random
+    draws skipped (``skip_augment``, or the dataset's own), so every slot gets the image
+    and augmentation it gets in one process. A dataset with its own ``augment`` and no
+    ``skip_augment`` has the whole batch built and sliced.
+    """
+
+    def __init__(self, dataset, cfg: TrainConfig, slots: Optional[Sequence[int]] = None):
         self.dataset, self.cfg = dataset, cfg
+        self.slots = None if slots is None else list(slots)
 
     def __len__(self) -> int:
         return self.cfg.steps
@@ -172,22 +196,37 @@ class StepBatches(torch.utils.data.Dataset):
         order = torch.randperm(n, generator=_rng(self.cfg.seed, 0, epoch))
         return order[pos * b : pos * b + b].tolist()
 
+    def _skip(self):
+        """How to pass over a slot that is not ours: None when it must be built anyway."""
+        if not hasattr(self.dataset, "augment"):
+            return skip_augment
+        return getattr(self.dataset, "skip_augment", None)
+
     def __getitem__(self, step: int):
         g = _rng(self.cfg.seed, 1, step)
+        skip = self._skip() if self.slots is not None else None
+        mine = set(self.slots) if skip is not None else None
         images, labels = [], []
-        for i in self.indices(step):
+        for slot, i in enumerate(self.indices(step)):
+            if mine is not None and slot not in mine:
+                skip(g)
+                continue
             img, lab = self.dataset[i]
             # a file dataset brings its own: same draws, resamples only the crop
             img, lab = getattr(self.dataset, "augment", augment)(img, lab, self.cfg.crop_size,
                                                                  self.cfg.scale_range, g)
             images.append(img)
             labels.append(lab)
-        return torch.stack(images), torch.stack(labels)
+        images, labels = torch.stack(images), torch.stack(labels)
+        if self.slots is not None and mine is None:  # built whole: keep our slots
+            images, labels = images[self.slots], labels[self.slots]
+        return images, labels
 
 
 def step_loader(dataset, cfg: TrainConfig, start: int = 0, *, device: str = "cpu",
-                num_workers: Optional[int] = None) -> torch.utils.data.DataLoader:
-    """The batches of steps ``start`` .. ``cfg.steps - 1``, decoded and augmented in
+                num_workers: Optional[int] = None, slots: Optional[Sequence[int]] = None) -> torch.utils.data.DataLoader:
+    """The batches of steps ``start`` .. ``cfg.steps - 1`` (``slots``: only those
+    positions of each, ``StepBatches``), decoded and augmented in
     ``num_workers`` processes, pinned when training on CUDA. Default: what the dataset
     asks for (``loader_workers``); for in-memory data, augmentation runs in this process
     on CPU (the cores are the model's) and in workers on CUDA (where it would starve the
@@ -196,7 +235,7 @@ def step_loader(dataset, cfg: TrainConfig, start: int = 0, *, device: str = "cpu
         from bench.datasets.files import default_workers
 
         num_workers = getattr(dataset, "loader_workers", default_workers() if device.startswith("cuda") else 0)
-    return torch.utils.data.DataLoader(StepBatches(dataset, cfg), sampler=range(start, cfg.steps), batch_size=None,
+    return torch.utils.data.DataLoader(StepBatches(dataset, cfg, slots), sampler=range(start, cfg.steps), batch_size=None,
                                        num_workers=num_workers, pin_memory=device.startswith("cuda"),
                                        persistent_workers=False)
 
@@ -331,6 +370,7 @@ def train(
     fingerprint, the thread count), outside its configuration and its hash.
     """
     rank, world = distributed.rank(), distributed.world_size()
+    check_train_precision(cfg.precision, device)
     if log_every < 1:
         raise BenchError(f"the training log needs a step interval of at least 1, got {log_every}")
     if cfg.batch_size % world:
@@ -359,7 +399,8 @@ def train(
         payload.setdefault("train_config", full_config(cfg))  # a checkpoint from before it was stored
         return payload
 
-    loader = step_loader(dataset, cfg, start, device=device, num_workers=num_workers)
+    slots = range(rank, cfg.batch_size, world) if world > 1 else None  # this process's share of each batch
+    loader = step_loader(dataset, cfg, start, device=device, num_workers=num_workers, slots=slots)
     model.train()
     forward = _Loss(model, loss_fn)
     if world > 1:
@@ -397,6 +438,8 @@ def train(
         raise BenchError(f"training log {log_path(path)} is a folder; expected a file (or nothing) there")
     events = TensorBoardLog(path) if tensorboard and rank == 0 else None
     log = TrainingLog(log_path(path), log_every, start, enabled=rank == 0, tensorboard=events)
+    precision = contextlib.ExitStack()  # closed in the finally below
+    precision.enter_context(train_precision(cfg.precision, device))
     try:
         for step, (images, labels) in zip(range(start, end), loader):
             # dropout / drop-path: per step, and per process when there are several
@@ -404,11 +447,10 @@ def train(
             torch.manual_seed(int(_rng(cfg.seed, *keys).initial_seed()))
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(cfg, step)
-            if world > 1:  # this process's share of the global batch
-                images, labels = images[rank::world], labels[rank::world]
             images = normalize(images.to(device, non_blocking=True), *input_stats)
             labels = labels.to(device, non_blocking=True)
-            loss = forward(images, labels)
+            with autocast(cfg.precision, device):
+                loss = forward(images, labels)
             value = loss.item()
             if world > 1:  # the mean over processes: what is shown, and every rank stops together
                 value = distributed.all_reduce_sum(torch.tensor([value], dtype=torch.float64)).item() / world
@@ -432,6 +474,7 @@ def train(
     finally:
         if events is not None:
             events.close()
+        precision.close()
     bar.close()
     model.eval()
     payload = checkpoint(end, final=True)

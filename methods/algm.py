@@ -288,6 +288,7 @@ class ALGMPolicy(Policy):
 
     name = "algm"
     unmerge = "after"
+    quadratic_costs = (("algm_attention",), ("algm_mlp",))  # fitted polynomials (bench.flops)
     prop_attn = False  # the reference's attention ignores the token sizes (decoder too)
 
     def __init__(self, depth: int, threshold: float = 0.88, layers: Optional[Sequence[int]] = None,

@@ -74,6 +74,7 @@ class EarlyExitPolicy(Policy):
     """Token or image early exit at inference (gather)."""
 
     name = "early-exit"
+    quadratic_costs = (("head",),)  # priced by a fitted polynomial (bench.flops)
 
     def __init__(self, heads: PausingHeads, threshold: float = 0.9, mode: str = "token", batching: str = "pad",
                  stay: Optional[list] = None, spread: float = 0.1):

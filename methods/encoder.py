@@ -235,6 +235,9 @@ class Policy:
     # "before": the decoder runs on the full grid (``TokenState.to_grid``); "after": on the
     # active rows, each grid position taking its row's logits (merging policies only)
     unmerge = "before"
+    # trace keys whose cost is a quadratic polynomial of the token count (its ``cost_probe``
+    # at any n): ``bench.flops`` fits it from a few counts instead of tracing every n
+    quadratic_costs: tuple = ()
 
     def start(self, model, state: TokenState) -> None:
         """Called once after the patch embedding, before block 0."""

@@ -152,6 +152,7 @@ class PaumerPolicy(Policy):
     """Pausing at inference (gather) or in training (mask)."""
 
     name = "paumer"
+    quadratic_costs = (("head",),)  # priced by a fitted polynomial (bench.flops)
 
     def __init__(self, heads: PausingHeads, tau: Union[float, Sequence[float]] = 0.1,
                  criterion: str = "entropy", layers: Optional[Sequence[int]] = None,

@@ -14,6 +14,7 @@ from bench import datasets
 from bench.cli import main
 from bench.datasets import ade20k, cityscapes
 from bench.datasets.files import DataError
+from bench.errors import BenchError
 from bench.protocol import EvalSettings, evaluate, predict
 from bench.train import augment
 from tests.test_cli import assert_one_line_error, run_cli
@@ -282,6 +283,10 @@ def test_loader_speed_reports_images_per_second(tmp_path, small, monkeypatch):
     monkeypatch.setenv("BENCH_WORKERS", "1")
     r = datasets.loader_speed("folder", str(root), batches=3)
     assert r["images"] == 3 * 2 and r["workers"] == 1 and r["images_per_s"] > 0 and r["crop_size"] == 32
+    rank0 = datasets.loader_speed("folder", str(root), batches=3, ranks=2)  # its slot of each batch of 2
+    assert rank0["images"] == 3 and rank0["ranks"] == 2 and rank0["steps_per_s"] > 0
+    with pytest.raises(BenchError, match="divides the batch of 2"):
+        datasets.loader_speed("folder", str(root), batches=3, ranks=3)
 
 
 # --------------------------------------------------------------------------- bad input

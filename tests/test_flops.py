@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from bench.flops import FlopModel, count_flops
+from bench.flops import QUADRATIC_CHECK, QUADRATIC_FIT, FlopModel, PriceCache, count_flops, fit_quadratic
 from methods.encoder import Policy
 from methods.segmenter import build_model
 
@@ -101,5 +101,72 @@ def test_method_keys_and_cache():
         base = FlopModel(model).image_flops(model.forward_state(images)[1], (32, 32))
         flops = fm.image_flops(model.forward_state(images, ScorePolicy())[1], (32, 32))
     assert int(flops - base) == 2 * 16 * 192
-    assert set(fm._costs) == {(("block",), 16), (("score",), 7), (("score",), 16),
-                              ("embed", 32, 32), ("decode", 32, 32)}
+    assert set(fm._costs) == {(("score",), 7), (("score",), 16)}  # not declared quadratic: per count
+    fitted = {(("block",), n) for n in QUADRATIC_FIT + QUADRATIC_CHECK} | {("quadratic", ("block",))}
+    assert set(fm._shared) == fitted | {("embed", 32, 32), ("decode", 32, 32)}  # no trace at 16 tokens
+
+
+# ------------------------------------------------ fitted polynomials and the shared cache
+
+def traced(fm: FlopModel, key, n) -> int:
+    """fvcore's own count of ``key`` at ``n`` tokens, bypassing every cache and fit."""
+    at, _ = fm._counter(key)
+    return int(at(n)())
+
+
+@pytest.mark.parametrize("shape", [dict(embed_dim=192, num_heads=3), dict(embed_dim=64, num_heads=2, class_token=True)])
+def test_block_polynomial_equals_fvcore(shape):
+    torch.manual_seed(0)
+    model = build_model(5, "tiny", depth=2, img_size=32, **shape).eval()
+    fm = FlopModel(model)
+    for n in (1, 6, 7, 97, 256, 1161):  # odd and even, far past the fitted counts
+        assert fm.cost(("block",), n) == traced(fm, ("block",), n), n
+    assert fm._shared[("quadratic", ("block",))] is not None
+    assert (("block",), 1161) not in fm._shared  # priced, not traced
+
+
+def test_method_polynomials_equal_fvcore():
+    from methods import METHODS
+    from methods.algm import ALGMPolicy
+
+    torch.manual_seed(0)
+    seg = build_model(5, "tiny", depth=4, embed_dim=64, num_heads=2, img_size=32).eval()
+    policies = [ALGMPolicy(depth=4)]
+    for name, knobs in (("paumer", {"tau": 0.2}), ("early-exit", {"threshold": 0.9})):
+        spec = METHODS[name]
+        policies.append(spec.make_policy(spec.fine_tune.build(seg, **spec.fine_tune.knobs), **knobs))
+    for policy in policies:
+        assert policy.quadratic_costs
+        fm = FlopModel(seg, policy)
+        for key in policy.quadratic_costs:
+            for n in (1, 9, 50, 333):
+                assert fm.cost(key, n) == traced(fm, key, n), (policy.name, key, n)
+            assert fm._costs[("quadratic", key)] is not None
+
+
+def test_non_quadratic_component_falls_back_to_tracing():
+    class HalfPolicy(Policy):  # declared quadratic, but its cost depends on n's parity
+        quadratic_costs = (("half",),)
+
+        def cost_probe(self, model, key, n):
+            return (lambda x: x[:, ::2] @ x[:, 1::2].transpose(1, 2)), (torch.zeros(1, n, 4),)
+
+    fm = FlopModel(small(), HalfPolicy())
+    assert fm.cost(("half",), 11) == 6 * 5 * 4  # exact, as fvcore counts it
+    assert fm._costs[("quadratic", ("half",))] is None
+    assert fit_quadratic({1: 1, 2: 4, 3: 9, 4: 16, 5: 25, 8: 64}) == (1, 0, 0)
+
+
+def test_price_cache_is_shared_by_a_run():
+    model = small().eval()
+    prices = PriceCache()
+    images = torch.zeros(2, 3, 32, 32)
+    with torch.no_grad():
+        trace = model.forward_state(images)[1].trace
+    first = FlopModel(model, prices=prices).image_flops(trace, (32, 32))
+    traces = prices.traces
+    assert traces > 0 and prices.seconds > 0
+    again = FlopModel(model, DropPolicy([3, 5]), prices=prices).image_flops(trace, (32, 32))
+    assert torch.equal(first, again) and prices.traces == traces  # nothing counted twice
+    FlopModel(small().eval(), prices=prices).image_flops(trace, (32, 32))
+    assert prices.traces > traces  # another model: its own prices

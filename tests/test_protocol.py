@@ -166,3 +166,57 @@ def test_timing_gives_a_labelled_policy_the_labels_of_the_images_it_times(small_
     assert all(torch.equal(a, b) for a, b in zip(policy.seen, expected))
     with pytest.raises(BenchError, match="oracle needs the timing images' labels"):
         time_methods(runs, images, EvalSettings("whole"), batch_size=2, warmup=0, repeats=1)
+
+
+# ------------------------------------------- sliding windows batched across images
+
+class SizedList(list):
+    """A dataset of (image, label) pairs of several sizes (ADE20K-like)."""
+
+
+def mixed_sizes(n=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    sizes = [(48, 64), (48, 64), (40, 72), (64, 40), (48, 64)][:n]
+    return SizedList((torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8),
+                      torch.randint(0, 5, (h, w), generator=g)) for h, w in sizes)
+
+
+def test_windows_of_several_images_share_forwards_and_equal_one_image_at_a_time(small_model):
+    from bench.protocol import predict_windows
+
+    data = mixed_sizes()
+    settings = EvalSettings("slide", 32, 16, batch_size=8)
+    batches = [image[None] for image, _ in data]
+    with torch.inference_mode():
+        preds, forwards = predict_windows(small_model, Policy(), batches, settings)
+        alone = [predict(small_model, Policy(), b, settings) for b in batches]
+    windows = sum(len(window_starts(h, 32, 16)) * len(window_starts(w, 32, 16)) for h, w in
+                  (b.shape[-2:] for b in batches))
+    assert sum(forwards) == windows and forwards[:-1] == [8] * (len(forwards) - 1)  # 8 windows a forward
+    assert len(forwards) < sum(len(a.forwards) for a in alone)  # fewer forwards than per image
+    for p, a in zip(preds, alone):
+        assert p.logits.shape == a.logits.shape
+        assert torch.allclose(p.logits, a.logits, atol=1e-4)
+        assert torch.equal(p.tokens, a.tokens) and torch.equal(p.full_tokens, a.full_tokens)
+
+
+def test_evaluate_batches_windows_across_images_and_says_so(small_model):
+    from bench.flops import FlopModel
+
+    data = mixed_sizes()
+    results = {}
+    for bs in (1, 8):
+        settings = EvalSettings("slide", 32, 16, batch_size=bs)
+        results[bs] = evaluate(small_model, Policy(), data, settings, FlopModel(small_model), num_classes=5)
+    assert results[1]["forward_batch"]["max"] == 1
+    assert results[8]["forward_batch"]["max"] == 8 and results[8]["forward_batch"]["mean"] > 4
+    assert results[8]["forward_batch"]["forwards"] < results[1]["forward_batch"]["forwards"] / 4
+    assert results[8]["miou"] == pytest.approx(results[1]["miou"], abs=1e-6)
+    assert results[8]["gflops"] == results[1]["gflops"]
+
+
+def test_timing_sliding_windows_over_images_of_several_sizes_records_the_batch(small_model):
+    images = [image for image, _ in mixed_sizes()]
+    runs = {"baseline": (small_model, Policy(), 1.0)}
+    out = time_methods(runs, images, EvalSettings("slide", 32, 16), batch_size=8, warmup=0, repeats=1)
+    assert out["baseline"]["forward_batch"]["max"] == 8 and out["baseline"]["throughput"] > 0

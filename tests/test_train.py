@@ -163,3 +163,102 @@ def test_a_checkpoint_whose_weights_changed_is_refused(tmp_path, toy_dataset):
     with pytest.raises(BenchError, match=f"checkpoint {path} was changed after it was written") as info:
         load_checkpoint(path)
     assert info.value.exit_code == 2 and "\n" not in str(info.value)
+
+
+def test_fp32_keeps_the_config_hash_and_bf16_is_part_of_the_identity():
+    fp32, bf16 = config(), config(precision="bf16")
+    assert "precision" not in fp32.to_dict() and fp32.hash() == config().hash()
+    assert bf16.to_dict()["precision"] == "bf16" and bf16.hash() != fp32.hash()
+
+
+def test_bf16_training_runs_on_cpu_deterministically(tmp_path, toy_dataset):
+    cfg = config(steps=2, precision="bf16")
+    runs = []
+    for name in ("a", "b"):
+        model = fresh_model(cfg)
+        payload = train(model, toy_dataset, cfg, tmp_path / f"{name}.pt", progress=False)
+        assert payload["config"]["precision"] == "bf16"
+        assert all(p.dtype == torch.float32 for p in model.parameters())  # autocast: weights stay fp32
+        runs.append(payload["weights"])
+    fp32 = train(fresh_model(config(steps=2)), toy_dataset, config(steps=2), tmp_path / "c.pt", progress=False)
+    assert runs[0] == runs[1] != fp32["weights"]  # deterministic, and really computed in bf16
+
+
+@pytest.mark.parametrize("precision, device, expected", [
+    ("tf32", "cpu", "needs a CUDA device"), ("fp16", "cpu", "use bf16"), ("half", "cpu", "expected one of")])
+def test_unsupported_training_precision_is_refused_before_training(tmp_path, toy_dataset, precision, device, expected):
+    cfg = config(precision=precision)
+    with pytest.raises(BenchError, match=expected):
+        train(fresh_model(cfg), toy_dataset, cfg, tmp_path / "x.pt", progress=False)
+    assert not (tmp_path / "x.pt").exists()
+
+
+# ---------------------------------------------- per-rank loading: only this rank's slots
+
+@pytest.mark.parametrize("hw", [(20, 24), (32, 32), (90, 50)])
+def test_skip_augment_draws_what_augment_draws(hw):
+    from bench.datasets.files import SegmentationFiles
+    from bench.train import skip_augment
+
+    files = SegmentationFiles("x", "train", [], ["a", "b"], train_short_side=40)
+    image = torch.randint(0, 256, (3, *hw), dtype=torch.uint8)
+    label = torch.zeros(hw, dtype=torch.long)
+    for aug, skip in ((augment, skip_augment), (files.augment, files.skip_augment)):
+        for seed in range(5):
+            a, b = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+            aug(image, label, 32, (0.5, 2.0), a)
+            skip(b)
+            assert torch.equal(a.get_state(), b.get_state()), (aug, hw, seed)
+
+
+class CountingDataset(torch.utils.data.Dataset):
+    """Counts the items decoded; ``own_augment``: brings an augment with no skip."""
+
+    def __init__(self, base, own_augment=False):
+        self.base, self.decoded = base, 0
+        if own_augment:
+            self.augment = augment
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        self.decoded += 1
+        return self.base[i]
+
+
+@pytest.mark.parametrize("own_augment", [False, True])
+def test_each_rank_builds_only_its_slots_and_gets_the_whole_batch_slice(toy_dataset, own_augment):
+    from bench.train import StepBatches
+
+    cfg = config(batch_size=8, crop_size=24)
+    whole = StepBatches(CountingDataset(toy_dataset), cfg)
+    for world in (2, 4):
+        for rank in range(world):
+            data = CountingDataset(toy_dataset, own_augment)
+            part = StepBatches(data, cfg, slots=range(rank, 8, world))
+            for step in (0, 5):
+                images, labels = whole[step]
+                mine = part[step]
+                assert torch.equal(mine[0], images[rank::world]) and torch.equal(mine[1], labels[rank::world])
+            # a skip: only this rank's images decoded; an augment without one: the whole batch
+            assert data.decoded == 2 * (8 if own_augment else 8 // world)
+
+
+def test_train_precision_tf32_on_cpu_is_a_one_line_error_from_the_cli(tmp_path, capsys):
+    from tests.test_cli import assert_one_line_error, run_cli
+
+    code, _, err = run_cli(capsys, "train", "--train-precision", "tf32", "--checkpoints", str(tmp_path / "c"), "--quiet")
+    assert_one_line_error(code, err, "--train-precision tf32 needs a CUDA device")
+    assert code == 2 and not (tmp_path / "c").exists()
+
+
+def test_a_bf16_run_names_its_training_precision(tmp_path):
+    from bench import datasets
+    from bench.runspec import RunOptions, checkpoint_path, train_config
+
+    spec = datasets.get_spec("synthetic")
+    fp32 = train_config(RunOptions(), spec)
+    bf16 = train_config(RunOptions(train_precision="bf16"), spec)
+    assert fp32.hash() == "507ac65522a9"  # the stored baseline's configuration
+    assert bf16.precision == "bf16" and checkpoint_path(RunOptions(), bf16) != checkpoint_path(RunOptions(), fp32)

@@ -338,10 +338,13 @@ def dataset_status(name: str, root: Optional[str] = None, as_name: Optional[str]
 
 
 def loader_speed(name: str, root: Optional[str] = None, *, batches: int = 20, workers: Optional[int] = None,
-                 device: str = "cpu", seed: int = 0, as_name: Optional[str] = None) -> dict:
+                 device: str = "cpu", seed: int = 0, as_name: Optional[str] = None, ranks: int = 1) -> dict:
     """Images per second of the training loader alone (decoding + augmentation in its
     workers, pinned memory and the copy to ``device``), over ``batches`` batches after
-    one warm-up batch (worker start-up), with the dataset's preset (crop, batch, scale)."""
+    one warm-up batch (worker start-up), with the dataset's preset (crop, batch, scale).
+    ``ranks``: as the loader of rank 0 of that many torchrun processes, which builds only
+    its slots of each global batch (``images_per_s``: that rank's; ``steps_per_s``: global
+    batches per second it keeps up with)."""
     import time
 
     import torch
@@ -350,10 +353,13 @@ def loader_speed(name: str, root: Optional[str] = None, *, batches: int = 20, wo
 
     spec = get_spec(name, root, as_name)
     p = spec.preset
+    if ranks < 1 or p.batch_size % ranks:
+        raise BenchError(f"--ranks {ranks}: expected a number of processes that divides the batch of {p.batch_size}")
     dataset = open_dataset(name, "train", root)
     cfg = TrainConfig(dataset=name, num_classes=spec.num_classes, steps=batches + 1, batch_size=p.batch_size,
                       crop_size=p.crop_size, scale_range=p.scale_range, seed=seed)
-    loader = step_loader(dataset, cfg, 0, device=device, num_workers=workers)
+    loader = step_loader(dataset, cfg, 0, device=device, num_workers=workers,
+                         slots=range(0, p.batch_size, ranks) if ranks > 1 else None)
     it = iter(loader)
     images, labels = next(it)  # warm-up: workers start, first batch
     start = time.perf_counter()
@@ -366,5 +372,5 @@ def loader_speed(name: str, root: Optional[str] = None, *, batches: int = 20, wo
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     return {"dataset": name, "images": n, "seconds": seconds, "images_per_s": n / seconds if seconds else float("inf"),
-            "batch_size": p.batch_size, "crop_size": p.crop_size, "batches": batches,
+            "steps_per_s": batches / seconds if seconds else float("inf"), "ranks": ranks, "batch_size": p.batch_size, "crop_size": p.crop_size, "batches": batches,
             "workers": loader.num_workers, "pin_memory": loader.pin_memory}

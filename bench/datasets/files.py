@@ -207,6 +207,13 @@ class SegmentationFiles(Dataset):
             img, lab = img.flip(-1), lab.flip(-1)
         return img.round().clamp(0, 255).to(torch.uint8), lab
 
+    def skip_augment(self, g: torch.Generator) -> None:
+        """Advance ``g`` past what ``augment`` draws for one image: ``bench.train.skip_augment``
+        (the same draws), without decoding the image."""
+        from bench.train import skip_augment
+
+        skip_augment(g)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r}, split={self.split!r}, images={len(self)})"
 
