@@ -9,12 +9,12 @@ attends to it, and the final decoder runs on the active rows only.
 
 Finishing (the reference's canvas): every grid position keeps the mask logits of the
 last head that saw it. After the last block a final ``DToPHead`` runs on the tokens
-still active; a pruned token's label is then that final head's class probability x the
-sigmoid of its own exit head's mask, on the whole grid upsampled bilinearly (its label
-can still change after it left). The other pixels take the Segmenter decoder's logits:
-our final head is Segmenter's, so that nothing pruned is exactly the fine-tuned
-Segmenter (the deviation and why: docs/methods.md#dtop). Pruned pixels carry
-log(probability x mask), a logit-like score whose argmax is DToP's label.
+still active; a pruned token's label is that final head's class probability x the
+sigmoid of its own exit head's mask, so it can still change after it left. The active
+tokens are labelled by the Segmenter's decoder (ours, so that nothing pruned is exactly
+the fine-tuned Segmenter: docs/methods.md#dtop-dynamic-token-pruning-as-published).
+An image with a pruned token returns the log of that probability grid (the decoder's
+softmax at active positions), upsampled bilinearly; the others the decoder's logits.
 
 Layers: DToP's own (6, 8 of 12; 8, 16 of 24); other depths take ViT-B's fractions
 (1/2, 2/3: 6 blocks -> 3, 4). Training (``dtop_loss``) fine-tunes with pruning on at
