@@ -267,7 +267,9 @@ def dtop_loss(model: DToPModel, images: Tensor, labels: Tensor, *, threshold: Op
     B = labels.shape[0]
     pruned = F.interpolate(policy.pruned.reshape(B, 1, *grid).float(), size=labels.shape[-2:], mode="nearest")[:, 0]
     # ``logits`` are log-probabilities here (``finish_pruned``): NLL is the pixel CE
-    loss = F.nll_loss(logits, labels.masked_fill(pruned > 0.5, 255), ignore_index=255)
+    target = labels.masked_fill(pruned > 0.5, 255)
+    # a sum over the counted pixels: a batch whose unpruned pixels are all ignored adds 0, not NaN
+    loss = F.nll_loss(logits, target, ignore_index=255, reduction="sum") / (target != 255).sum().clamp(min=1)
     for class_logits, canvas in policy.outputs:
         loss = loss + atm_loss(class_logits, canvas, labels, grid)
     return loss
