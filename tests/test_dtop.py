@@ -234,3 +234,18 @@ def test_bench_speed_times_dtop_under_a_forced_schedule(tmp_path):
         assert r["schedule"]["stay"] == [0.75, 0.4] and r["schedule"]["layers"] == [3, 4]
         tokens = r["tokens_per_block"]
         assert tokens[:3] == [1.0, 1.0, 1.0] and tokens[3] < 1.0 and tokens[4] < tokens[3]
+
+
+def test_a_class_token_is_never_pruned_and_every_block_runs_it():
+    torch.manual_seed(1)
+    seg = build_model(5, "tiny", depth=4, embed_dim=64, num_heads=2, img_size=32, class_token=True).eval()
+    model = DToPModel(seg, [1, 2]).eval()
+    x = images()
+    with torch.inference_mode():
+        out, state = seg.forward_state(x, DToPPolicy(model.heads, threshold=0.0))
+        singles = [seg(xi, DToPPolicy(model.heads, threshold=0.0)) for xi in x.split(1)]
+    assert state.any_left and state.prefix.shape[1] == 1
+    blocks = [counts for key, counts in state.trace.items if key == ("block",)]
+    assert (blocks[-1] == state.trace.tokens[:, -1] + 1).all()  # the grid's survivors plus the class token
+    assert max((out[b] - s[0]).abs().max().item() for b, s in enumerate(singles)) < 1e-4
+    assert torch.isfinite(dtop_loss(model.train(), x, torch.randint(0, 5, (3, 64, 64))))
