@@ -24,12 +24,12 @@ from bench.errors import BenchError
 from bench.flops import FlopModel, PriceCache
 from bench.protocol import EvalSettings, check_execution, predict, speed_entry, time_methods
 from bench.results import SCHEMA_VERSION, ResultsStore, op_label
-from methods import early_exit, paumer, tome
+from methods import dtop, early_exit, paumer, tome
 from methods.encoder import Policy
 from methods.segmenter import build_model
 
 DATASET = "speed"
-FORCED = ("paumer", "early-exit", "tome", "static")  # operating points from the options below, not --op
+FORCED = ("paumer", "early-exit", "dtop", "tome", "static")  # operating points from the options below, not --op
 
 
 @dataclass
@@ -106,6 +106,14 @@ def build_runs(opts: SpeedOptions, model) -> dict:
                         else:
                             policy = early_exit.EarlyExitPolicy(heads, stay=list(stay), spread=opts.spread,
                                                                 batching=batching)
+                        add(name, policy, 1.0, {"stay": policy.stay, "spread": opts.spread, "batching": batching})
+            elif name == "dtop":  # its own layers (2 of 12): its own default schedule
+                dtop_layers = dtop.default_layers(depth)
+                for stay in (opts.stay and schedules) or [paumer.default_stay(len(dtop_layers))]:
+                    for batching in _values(opts.batching):
+                        heads = dtop.DToPHeads(model.config.embed_dim, model.num_classes, dtop_layers)
+                        policy = dtop.DToPPolicy(heads.to(opts.device).eval(), stay=list(stay), spread=opts.spread,
+                                                 batching=batching, depth=depth)
                         add(name, policy, 1.0, {"stay": policy.stay, "spread": opts.spread, "batching": batching})
             elif name == "tome":
                 for r in _values(opts.tome_r):
@@ -247,7 +255,7 @@ def run_speed(opts: SpeedOptions) -> list[dict]:
             "schema_version": SCHEMA_VERSION,
             **identity(opts, name, knobs, decoder, checkpoint),
             "model": opts.model, "decoder": decoder, "size": opts.size,
-            "schedule": policy.describe() if name in ("paumer", "early-exit") else None,
+            "schedule": policy.describe() if name in ("paumer", "early-exit", "dtop") else None,
             "compile": opts.compile,
             "gflops": {"mean": g.mean().item(), "std": g.std(unbiased=False).item(),
                        "min": g.min().item(), "max": g.max().item()},

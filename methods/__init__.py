@@ -9,7 +9,7 @@ import sys
 from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
-from methods import algm, early_exit, paumer, references, tome
+from methods import algm, dtop, early_exit, paumer, references, tome
 from methods.encoder import BATCHINGS, Policy
 
 CONTROL = "baseline-ft"  # the equal-budget reference every fine-tuned method is also compared with
@@ -91,6 +91,13 @@ def _early_exit(trained, threshold=0.9, mode="token", batching="pad") -> Policy:
     if not isinstance(trained, early_exit.EarlyExitModel):
         raise ValueError("early-exit needs its fine-tuned checkpoint (EarlyExitModel)")
     return early_exit.EarlyExitPolicy(trained.heads, threshold=threshold, mode=mode, batching=batching)
+
+
+def _dtop(trained, threshold=None, layers=None, top_k=dtop.TOP_K, batching="pad") -> Policy:
+    if not isinstance(trained, dtop.DToPModel):
+        raise ValueError("dtop needs its fine-tuned checkpoint (DToPModel)")
+    return dtop.DToPPolicy(trained.heads, threshold=threshold, layers=layers, top_k=top_k, batching=batching,
+                           depth=trained.segmenter.depth)
 
 
 METHODS: dict[str, MethodSpec] = {
@@ -179,6 +186,23 @@ METHODS: dict[str, MethodSpec] = {
         knob_choices={"mode": early_exit.MODES, "batching": BATCHINGS},
         knob_help={"threshold": "exit where the head's confidence is above this, in [0, 1]",
                    "mode": "tokens exit one by one, or whole images (default token)",
+                   "batching": "how a ragged batch runs (default pad)"},
+    ),
+    "dtop": MethodSpec(
+        "dtop", "DToP: class-query heads prune confident tokens, which leave every later block and head",
+        _dtop, [{"threshold": t} for t in dtop.DEFAULT_THRESHOLDS],
+        knob_types={"threshold": float, "layers": [int], "top_k": int, "batching": str},
+        fine_tune=FineTune(
+            build=lambda seg, layers=None, **_: dtop.DToPModel(seg, layers),
+            loss=lambda m, images, labels, threshold=None, top_k=dtop.TOP_K, **_: dtop.dtop_loss(
+                m, images, labels, threshold=threshold, top_k=top_k),
+            knobs={"threshold": None, "top_k": dtop.TOP_K},  # None: DToP's 0.9 (0.95 for 24 blocks)
+        ),
+        map_ops=[{"threshold": 0.9}, {"threshold": 0.7}], swept="threshold",
+        knob_choices={"batching": BATCHINGS},
+        knob_help={"threshold": "prune where P(class) x sigmoid(mask) is above this, in [0, 1] (default 0.9; 0.95 at 24 blocks)",
+                   "layers": "pruning layers used, a subset of the trained ones (default 6, 8 of 12; 8, 16 of 24; 3, 4 of 6)",
+                   "top_k": "the k best tokens of each class are never pruned (default 5)",
                    "batching": "how a ragged batch runs (default pad)"},
     ),
 }
