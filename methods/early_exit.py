@@ -40,7 +40,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from methods.encoder import Policy, TokenState, check_batching
 from methods.paumer import HeadScore, PausingHeads, SegmenterWithHeads, patch_labels, scheduled_selection

@@ -112,7 +112,7 @@ def test_unwritable_results_folder_is_one_line_error(capsys, tmp_path, toy):
 def test_console_script_prints_no_traceback():
     out = subprocess.run([sys.executable, "-m", "bench.cli", "run", "--method", "nope"], capture_output=True, text=True)
     assert out.returncode == 2
-    assert out.stderr.strip() == "error: unknown method 'nope'; expected one of: baseline, baseline-ft, shallow, static, paumer, tome, algm, early-exit, algm-ft"
+    assert out.stderr.strip() == "error: unknown method 'nope'; expected one of: baseline, baseline-ft, shallow, static, paumer, tome, algm, early-exit, dtop, algm-ft"
 
 
 def test_unknown_model_preset_is_one_line_error(capsys, tmp_path, toy):

@@ -76,10 +76,10 @@ def test_stored_fine_tune_config_hashes_do_not_change():
 def test_every_fine_tune_has_the_same_budget_and_its_own_checkpoint():
     _, base = synthetic_configs()
     configs = {name: fine_tune_config(m, base, "w0", {"depth": 2}) for name, m in METHODS.items() if m.fine_tune}
-    assert set(configs) == {"baseline-ft", "shallow", "paumer", "early-exit", "algm-ft"}
+    assert set(configs) == {"baseline-ft", "shallow", "paumer", "early-exit", "algm-ft", "dtop"}
     budget = {(c.steps, c.lr, c.warmup_steps, c.poly_power, c.batch_size, c.init_from) for c in configs.values()}
     assert budget == {(800, base.lr / 2, 50, base.poly_power, base.batch_size, "w0")}
-    assert len({c.hash() for c in configs.values()}) == 5
+    assert len({c.hash() for c in configs.values()}) == 6
     assert configs["baseline-ft"].method_knobs == {} and configs["shallow"].method_knobs == {"depth": 2}
 
 
