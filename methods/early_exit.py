@@ -135,6 +135,16 @@ class EarlyExitPolicy(Policy):
     def decodes(self, state: TokenState) -> Optional[Tensor]:
         return None if self.mode == "token" else self.exit_layer == len(state.trace.tokens[0])
 
+    def decoded_images(self, state: TokenState, decode: Tensor) -> list[int]:
+        """Image mode: an image is decoded unless it exited, and an exited image has no
+        active row left, so the host row counts ``keep`` already read say which (no sync)."""
+        B, n = state.x.shape[:2]
+        if n == 0:
+            return []
+        if state.row_counts is None:  # every image keeps the same (non-zero) count
+            return list(range(B))
+        return [b for b, count in enumerate(state.row_counts) if count > 0]
+
     def finish(self, logits: Tensor, state: TokenState) -> Tensor:
         if not state.any_left:  # host flag set by `keep`: exited tokens are the ones that left
             return logits

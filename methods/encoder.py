@@ -255,6 +255,12 @@ class Policy:
         ``finish`` as zeros (image early exit labels them itself)."""
         return None
 
+    def decoded_images(self, state: TokenState, decode: Tensor) -> list[int]:
+        """The images of ``decodes``' mask as a host list (what the decoder's gather
+        needs). This default reads the mask (one sync); a policy that knows them from
+        host counts it already read overrides it."""
+        return decode.nonzero().flatten().tolist()
+
     def finish(self, logits: Tensor, state: TokenState) -> Tensor:
         """Last word on the decoder's logits (early exit overrides exited pixels)."""
         return logits
