@@ -32,9 +32,14 @@ def figure_style():
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import seaborn as sns
 
-    rc = {**sns.axes_style("whitegrid"), **sns.plotting_context("paper"),
+    try:
+        import seaborn as sns
+
+        look = {**sns.axes_style("whitegrid"), **sns.plotting_context("paper")}
+    except ImportError:  # a machine without seaborn (a GPU box): matplotlib's copy of the look
+        look = {**plt.style.library["seaborn-v0_8-whitegrid"], **plt.style.library["seaborn-v0_8-paper"]}
+    rc = {**look,
           "font.size": FONT_PT, "axes.labelsize": FONT_PT + 1, "axes.titlesize": FONT_PT + 1,
           "xtick.labelsize": FONT_PT, "ytick.labelsize": FONT_PT, "legend.fontsize": FONT_PT,
           "legend.title_fontsize": FONT_PT, "lines.linewidth": 1.0, "lines.markersize": 4,
@@ -60,9 +65,13 @@ def series_styles(names) -> dict[str, dict]:
     """Colour, marker and line per series, fixed by the sorted names so that a series
     looks the same in every figure of a dataset. The baseline and the equal-budget
     control are single black points; fixed-cost references are dashed."""
-    import seaborn as sns
+    try:
+        import seaborn as sns
 
-    colorblind = sns.color_palette("colorblind", 10)
+        colorblind = sns.color_palette("colorblind", 10)
+    except ImportError:  # seaborn's "colorblind" palette, as hex
+        colorblind = ["#0173b2", "#de8f05", "#029e73", "#d55e00", "#cc78bc", "#ca9161", "#fbafe4", "#949494",
+                      "#ece133", "#56b4e9"]
     palette = [colorblind[i] for i in (0, 1, 2, 3, 4, 5, 9, 7, 6, 8)]  # neighbours far apart, pale yellow last
     styles = {}
     lines = sorted(n for n in set(names) if n not in POINTS)
