@@ -13,8 +13,10 @@
 #   --python PY      the interpreter to run bench with (default: python)
 #   --out DIR        copy the rows, the report and the step log there too (e.g. $OUT)
 #   --gpu-name NAME  the results/reports folder name (default: the GPU's name, slugged)
+#   --only A,B       run only these steps (768-eager, 512-eager, 768-compile, 512-compile, report)
 #
-# GPU timing settings (docs/speed.md#gpu-rows): 16 timing images, 3 warm-up passes,
+# GPU timing settings (docs/speed.md#gpu-rows): 8 timing images (one batch of 8: FLOP
+# pricing traces fvcore per token count, so fewer images keep it short), 3 warm-up passes,
 # 5 repeats; one schedule (0.75, 0.575, 0.4 +- 0.1), pad and packed; ToMe r = 88 at 768
 # and 39 at 512 (FLOPs ratio about 0.67, as PAUMER's); static at scale 0.75.
 set -u -o pipefail
@@ -23,13 +25,14 @@ PY=python
 OUT=""
 DRY=0
 GPU=""
-usage="usage: scripts/gpu_rows.sh [--dry-run] [--python PY] [--out DIR] [--gpu-name NAME]"
+ONLY=""
+usage="usage: scripts/gpu_rows.sh [--dry-run] [--python PY] [--out DIR] [--gpu-name NAME] [--only STEP,...]"
 while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) DRY=1; shift ;;
-    --python|--out|--gpu-name)
+    --python|--out|--gpu-name|--only)
       if [ $# -lt 2 ] || [ -z "$2" ]; then echo "Error: $1 expects a value; $usage" >&2; exit 2; fi
-      case "$1" in --python) PY="$2" ;; --out) OUT="$2" ;; --gpu-name) GPU="$2" ;; esac
+      case "$1" in --python) PY="$2" ;; --out) OUT="$2" ;; --gpu-name) GPU="$2" ;; --only) ONLY="$2" ;; esac
       shift 2 ;;
     -h|--help) echo "$usage"; exit 0 ;;
     *) echo "Error: unknown argument '$1'; $usage" >&2; exit 2 ;;
@@ -38,6 +41,10 @@ done
 if [ -n "$GPU" ] && ! [[ "$GPU" =~ ^[A-Za-z0-9._-]+$ ]]; then
   echo "Error: --gpu-name '$GPU': expected letters, digits, '.', '_' or '-'" >&2; exit 2
 fi
+NAMES=" 768-eager 512-eager 768-compile 512-compile report "
+for name in ${ONLY//,/ }; do
+  if [[ "$NAMES" != *" $name "* ]]; then echo "Error: --only $name: expected steps among$NAMES" >&2; exit 2; fi
+done
 
 cd "$(dirname "$0")/.." || exit 2
 if [ -z "$GPU" ]; then
@@ -57,17 +64,18 @@ export BENCH_GIT_COMMIT="${BENCH_GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null ||
 
 COMMON="--model vit_small --decoder mask --device cuda --precision bf16 --threads 4
   --method paumer,early-exit,tome,static --batching pad,packed --scale 0.75
-  --timing-images 16 --warmup 3 --repeats 5 --results $RESULTS"
+  --timing-images 8 --warmup 3 --repeats 5 --results $RESULTS"
 AT768="--size 768 --batch-size 1,8 --tome-r 88"
 AT512="--size 512 --batch-size 8 --num-classes 150 --tome-r 39"
 
-# name | seconds | command (the budget: 450 s of steps, under 8 minutes with start-up)
+# name | seconds | command (the budget: 460 s of steps, under 8 minutes in all; compiling
+# takes most of the compiled steps: inductor's first graphs, then its cache)
 STEPS=(
-  "768-eager|110|$PY -m bench.cli speed $COMMON $AT768"
+  "768-eager|100|$PY -m bench.cli speed $COMMON $AT768"
   "512-eager|60|$PY -m bench.cli speed $COMMON $AT512"
-  "768-compile|150|$PY -m bench.cli speed $COMMON $AT768 --compile"
-  "512-compile|90|$PY -m bench.cli speed $COMMON $AT512 --compile"
-  "report|40|$PY -m bench.cli report --results $RESULTS --out $REPORTS"
+  "768-compile|170|$PY -m bench.cli speed $COMMON $AT768 --compile"
+  "512-compile|100|$PY -m bench.cli speed $COMMON $AT512 --compile"
+  "report|30|$PY -m bench.cli report --results $RESULTS --out $REPORTS"
 )
 
 log() { echo "$*"; if [ "$DRY" = 0 ] && [ -n "$OUT" ]; then echo "$*" >> "$OUT/steps.log"; fi; }
@@ -79,6 +87,7 @@ fi
 failed=0
 for step in "${STEPS[@]}"; do
   name="${step%%|*}"; rest="${step#*|}"; seconds="${rest%%|*}"; cmd="${rest#*|}"
+  if [ -n "$ONLY" ] && [[ ",$ONLY," != *",$name,"* ]]; then continue; fi
   cmd=$(echo $cmd)  # one line
   if [ "$DRY" = 1 ]; then
     echo "timeout $seconds $cmd"
