@@ -122,7 +122,7 @@ class EarlyExitPolicy(Policy):
         else:
             mean = (conf * valid).sum(1) / valid.sum(1).clamp(min=1)
             gone = valid.any(1) & (mean > self.threshold)
-            self.exit_layer.masked_fill_(gone & (self.exit_layer == len(state.trace.tokens[0])), index + 1)
+            self.exit_layer.masked_fill_(gone & (self.exit_layer == state.trace.depth), index + 1)
             leave = gone[:, None] & valid
         # row -> grid position: which positions leave, and their head logits
         rows = state.source.clamp(min=0)
@@ -133,7 +133,7 @@ class EarlyExitPolicy(Policy):
         state.keep(~leave, layer=index + 1)
 
     def decodes(self, state: TokenState) -> Optional[Tensor]:
-        return None if self.mode == "token" else self.exit_layer == len(state.trace.tokens[0])
+        return None if self.mode == "token" else self.exit_layer == state.trace.depth
 
     def decoded_images(self, state: TokenState, decode: Tensor) -> list[int]:
         """Image mode: an image is decoded unless it exited, and an exited image has no
