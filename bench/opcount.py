@@ -6,7 +6,9 @@ and every read of a device value on the host (``item``, ``tolist``, ``cpu``, ``b
 FLOPs but dispatches twice the ops, or syncs per block, can lose its saving there.
 ``forward_counts`` measures both for one untimed forward, in eager mode (compiled
 graphs fuse ops, so eager counts are the comparable budget); ``time_methods`` stores
-them with every timing entry (``ops_per_forward``, ``host_syncs_per_forward``).
+them with every timing entry: ``ops_per_forward`` (ops that launch work: views and
+no-op conversions excluded), ``dispatched_ops_per_forward`` (every aten op) and
+``host_syncs_per_forward``.
 """
 from __future__ import annotations
 
@@ -14,25 +16,39 @@ import contextlib
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 # Tensor methods through which Python code reads a device value on the host
 HOST_READS = ("item", "tolist", "cpu", "__bool__", "__int__", "__float__", "__index__", "nonzero")
 
 
+def _storages(value) -> set:
+    return {t.untyped_storage().data_ptr() for t in tree_leaves(value)
+            if isinstance(t, torch.Tensor) and t.device.type != "meta"}
+
+
 class OpCounter(TorchDispatchMode):
-    """Counts the aten ops dispatched while active (views and metadata ops included:
-    each is host work per forward, if not always a kernel)."""
+    """Counts the aten ops dispatched while active: ``dispatched``, every op, and
+    ``ops``, those that launch work: an op that writes in place or returns memory none
+    of its inputs holds. Views, reshapes that are views, ``to`` a dtype the tensor
+    already has and dropout in eval return their input's memory: no kernel, not counted
+    in ``ops``."""
 
     def __init__(self):
         super().__init__()
         self.ops = 0
-        self.by_name: dict[str, int] = {}
+        self.dispatched = 0
+        self.by_name: dict[str, int] = {}  # launching ops by name
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops += 1
-        name = func.overloadpacket.__name__
-        self.by_name[name] = self.by_name.get(name, 0) + 1
-        return func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        self.dispatched += 1
+        if func._schema.is_mutable or not _storages(out) <= _storages((args, kwargs)):
+            self.ops += 1
+            name = func.overloadpacket.__name__
+            self.by_name[name] = self.by_name.get(name, 0) + 1
+        return out
 
 
 @contextlib.contextmanager
@@ -82,7 +98,8 @@ def forward_counts(forward, device) -> dict:
     counter = OpCounter()
     with count_host_reads() as reads, counter:
         forward()
-    out = {"ops_per_forward": counter.ops, "host_syncs_per_forward": len(reads)}
+    out = {"ops_per_forward": counter.ops, "dispatched_ops_per_forward": counter.dispatched,
+           "host_syncs_per_forward": len(reads)}
     if cuda:
         torch.cuda.synchronize(device)
         out["peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20

@@ -116,7 +116,8 @@ class EarlyExitPolicy(Policy):
         valid = state.valid if state.valid is not None else torch.ones_like(conf, dtype=torch.bool)
         if self.stay is not None:
             stay = self.stay[self.heads.layers.index(index + 1)]
-            leave = scheduled_selection(-conf, state.valid, stay, state.source.shape[1], self.spread)
+            leave = scheduled_selection(-conf, state.valid, stay, state.source.shape[1], self.spread,
+                                        active=state.counts())
         elif self.mode == "token":
             leave = (conf > self.threshold) & valid
         else:

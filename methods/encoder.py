@@ -204,7 +204,8 @@ class TokenState:
             return  # nothing left: the state is unchanged
         self.any_left = True
         rows_at = self.source.clamp(min=0)  # each grid position's row (parked ones: any row)
-        gone = ~keep.gather(1, rows_at) & (self.source >= 0)
+        drop, parked_before = ~keep, self.source < 0
+        gone = drop.gather(1, rows_at) > parked_before  # its row leaves, and it was not parked (a & ~b)
         at_grid = self.x.gather(1, rows_at[..., None].expand(B, -1, D))
         gone_d = gone[..., None]
         self.parked = at_grid.where(gone_d, 0.0 if self.parked is None else self.parked)
@@ -219,8 +220,8 @@ class TokenState:
         self.valid = fits if ragged else None
         self.row_counts = row_counts if ragged else None
         # old row -> new row (or -1), then re-point every grid position
-        new_row = keep.cumsum(1).sub_(1).masked_fill_(~keep, -1)
-        self.source = new_row.gather(1, rows_at).masked_fill_(self.source < 0, -1)  # gone rows: -1 already
+        new_row = keep.cumsum(1).sub_(1).masked_fill_(drop, -1)
+        self.source = new_row.gather(1, rows_at).masked_fill_(parked_before, -1)  # gone rows: -1 already
 
     def to_grid(self) -> Tensor:
         """Every token back at its grid position: (B, N, D)."""

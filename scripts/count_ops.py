@@ -44,7 +44,7 @@ def main() -> None:
         for label, (_, m, policy, scale, _) in runs.items():
             counts = forward_counts(lambda: predict(m, policy, x, settings, scale=scale), "cpu")
             base = base or counts["ops_per_forward"]
-            print(f"{label:70s} ops {counts['ops_per_forward']:5d} (x{counts['ops_per_forward'] / base:.2f})  "
+            print(f"{label:70s} ops {counts['ops_per_forward']:5d} (dispatched {counts['dispatched_ops_per_forward']:5d}) (x{counts['ops_per_forward'] / base:.2f})  "
                   f"host reads {counts['host_syncs_per_forward']}")
             if args.top:
                 counter = OpCounter()
