@@ -42,6 +42,7 @@ def main() -> None:
     base = None
     with torch.inference_mode():
         for label, (_, m, policy, scale, _) in runs.items():
+            predict(m, policy, x, settings, scale=scale)  # warm, as `bench speed`'s FLOP pass leaves it
             counts = forward_counts(lambda: predict(m, policy, x, settings, scale=scale), "cpu")
             base = base or counts["ops_per_forward"]
             print(f"{label:70s} ops {counts['ops_per_forward']:5d} (dispatched {counts['dispatched_ops_per_forward']:5d}) (x{counts['ops_per_forward'] / base:.2f})  "
