@@ -235,12 +235,20 @@ class TokenState:
         return torch.where((self.source >= 0)[..., None], active, self.parked)
 
 
-def packed_block(block, x: Tensor, valid: Tensor, segments: Optional[list[int]] = None) -> Tensor:
+def packed_index(valid: Tensor, total: int) -> Tensor:
+    """Flat indices (T,) of the real rows of a padded (B, n) batch, image by image, found
+    without a host sync (``total``: T, known on the host)."""
+    return torch.argsort((~valid).flatten().to(torch.int8), stable=True)[:total]
+
+
+def packed_block(block, x: Tensor, valid: Tensor, segments: Optional[list[int]] = None,
+                 index: Optional[Tensor] = None) -> Tensor:
     """timm ``Block`` forward on the real rows of a padded batch, without computing the
     padding: linear layers and norms on the packed (T, D) rows, attention per image.
     ``valid`` marks each image's real rows, which come first (``TokenState.keep``);
     ``segments``: their host-side counts per image (``TokenState.row_counts``), read from
-    the device when not given.
+    the device when not given; ``index``: ``packed_index(valid, T)``, where the caller
+    keeps it between blocks.
 
     Modifications vs timm's ``Block.forward``: tokens packed, attention per image
     segment (no mask needed); no gating / attention dropout (inference path).
@@ -250,8 +258,8 @@ def packed_block(block, x: Tensor, valid: Tensor, segments: Optional[list[int]] 
     if segments is None:
         segments = valid.sum(1).tolist()
     T = sum(segments)
-    # flat indices of the real rows, image by image, found without a host sync
-    index = torch.argsort((~valid).flatten().to(torch.int8), stable=True)[:T]
+    if index is None:
+        index = packed_index(valid, T)
     flat = x.reshape(B * n, D)
     rows = flat.index_select(0, index)  # (T, D)
     qkv = attn.qkv(block.norm1(rows)).reshape(T, 3, attn.num_heads, attn.head_dim).permute(1, 2, 0, 3)
@@ -289,7 +297,10 @@ class Policy:
     def run_block(self, index: int, block, state: TokenState) -> None:
         if state.valid is not None and self.batching == "packed":
             segments = None if state.row_counts is None else [c + state.num_prefix for c in state.row_counts]
-            state.x = state.split(packed_block(block, state.joined(), state.joined_valid(), segments))
+            valid = state._cached("joined_valid", state.joined_valid)
+            index = None if segments is None else state._cached("packed_index",
+                                                                 lambda: packed_index(valid, sum(segments)))
+            state.x = state.split(packed_block(block, state.joined(), valid, segments, index))
         else:
             state.x = state.split(block(state.joined(), attn_mask=state.key_mask()))
         state.trace.add(("block",), state.block_counts())
