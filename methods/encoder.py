@@ -211,7 +211,8 @@ class TokenState:
         self.parked = at_grid.where(gone_d, 0.0 if self.parked is None else self.parked)
         self.left_at.masked_fill_(gone, layer)
         n_new = max(row_counts)
-        order = keep.argsort(dim=1, descending=True, stable=True)[:, :n_new]  # kept rows first, in order
+        # kept rows first, in order (int8: the sort dtype the old code ran on CUDA too)
+        order = keep.to(torch.int8).argsort(dim=1, descending=True, stable=True)[:, :n_new]
         self.x = self.x.gather(1, order[..., None].expand(-1, -1, D))
         if self.size is not None:
             self.size = self.size.gather(1, order)
