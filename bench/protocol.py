@@ -20,6 +20,7 @@ from tqdm import tqdm
 from bench import distributed
 from bench.errors import BenchError
 from bench.metrics import ConfusionMatrix, iou_scores
+from bench.opcount import forward_counts
 from bench.stats import per_image_counts
 from bench.train import normalize
 
@@ -427,6 +428,9 @@ def time_methods(runs: dict, images, settings: EvalSettings, *, batch_size: int,
     of (3, H, W) images of different sizes (ADE20K), batched where consecutive sizes agree.
     ``labels``: the images' pixel labels, in the same form, for a policy that needs them
     to run (``needs_labels``: the oracle criterion): each forward gets its own images'.
+    Each entry also holds the kernel budget of one untimed eager forward of the first
+    batch (``bench.opcount``: ``ops_per_forward``, ``host_syncs_per_forward``, and on
+    CUDA ``peak_memory_mb``).
     """
     unlabelled = [name for name, (_, policy, _) in runs.items() if getattr(policy, "needs_labels", False)]
     if unlabelled and labels is None:
@@ -446,6 +450,13 @@ def time_methods(runs: dict, images, settings: EvalSettings, *, batch_size: int,
         label_chunks = ([torch.stack([label for _, label in batch]) for batch in batches]
                         if labels is not None and settings.mode == "whole" else None)
     run_settings = replace(settings, batch_size=batch_size)
+    budget = {}  # name -> ops and host reads of one untimed eager forward (bench.opcount)
+    for name, (model, policy, scale) in runs.items():
+        model.eval()
+        if label_chunks is not None and getattr(policy, "needs_labels", False):
+            policy.pixel_labels = label_chunks[0].to(settings.device)
+        budget[name] = forward_counts(lambda: predict(model, policy, chunks[0], replace(run_settings, compile=False),
+                                                      scale=scale), settings.device)
     rates = {name: [] for name in runs}
     latencies = {name: [] for name in runs}
     ran = {name: [] for name in runs}  # rows of each forward of one pass
@@ -475,7 +486,7 @@ def time_methods(runs: dict, images, settings: EvalSettings, *, batch_size: int,
     for name in runs:
         s = spread(rates[name])
         entry = {"throughput": statistics.median(rates[name]), "throughput_iqr": s["iqr"],
-                 "throughput_range": s["range"], "repeats": rates[name]}
+                 "throughput_range": s["range"], "repeats": rates[name], **budget[name]}
         if settings.mode != "whole":  # whole: the batch size itself
             entry["forward_batch"] = forward_batch(ran[name])
         if latencies[name]:

@@ -25,6 +25,7 @@ from bench.flops import FlopModel, PriceCache
 from bench.imported import imported_baseline, stored_baseline  # noqa: F401 (part of the runner's API)
 from bench.planning import (check_device, check_folder, check_seed, check_ops, describe_plan, pending_ops, plan,  # noqa: F401
                             training_plan, validate)
+from bench.opcount import parameter_count
 from bench.protocol import check_execution, evaluate, speed_entry, time_methods
 from bench.provenance import full_config, write_config
 from bench.results import SCHEMA_VERSION, ResultsStore
@@ -64,16 +65,24 @@ def environment(device: str, threads: int) -> dict:
     import timm
     from importlib.metadata import version
 
+    def installed(package):  # a pure-Python copy on PYTHONPATH has no metadata: its __version__
+        try:
+            return version(package)
+        except Exception:  # noqa: BLE001 - PackageNotFoundError, or a broken install
+            return getattr(__import__(package), "__version__", "unknown")
+
     cpu = cpu_name()
-    name = torch.cuda.get_device_name(device) if device.startswith("cuda") else cpu
+    cuda = device.startswith("cuda")
+    name = torch.cuda.get_device_name(device) if cuda else cpu
+    gpu = {"cuda_version": torch.version.cuda, "cudnn_version": torch.backends.cudnn.version()} if cuda else {}
     return {
         "device": device,
         "device_name": name,
         "cpu_name": cpu,  # the host matters on a GPU too (data, launch overheads)
         "dtype": PRECISION,  # the weights'; kept for readers of older records; `precision` is the field
         "threads": threads,
-        "versions": {"torch": torch.__version__, "timm": timm.__version__, "fvcore": version("fvcore"),
-                     "python": platform.python_version()},
+        "versions": {"torch": torch.__version__, "timm": timm.__version__, "fvcore": installed("fvcore"),
+                     "python": platform.python_version(), **gpu},
         # A source copy without .git (a cluster or a device machine) names its commit in
         # BENCH_GIT_COMMIT. Dirty means uncommitted code: stored results, reports and
         # Markdown do not count.
@@ -318,6 +327,9 @@ def run(opts: RunOptions) -> list[dict]:
             # sliding windows: windows per forward in evaluation (speed: per batch size)
             **({"forward_batch": result["forward_batch"]} if settings.mode != "whole" else {}),
             "speed": speed,
+            "parameters": parameter_count(trained),
+            # CUDA training is not bit-identical (atomic adds in merges and upsampling's backward)
+            **({"deterministic": False} if opts.device.startswith("cuda") else {}),
             "timing_images": len(timing),
             "seed": opts.seed,
             "train": {"steps": base_cfg.steps, "config_hash": payload["config"].get("hash"),

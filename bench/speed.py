@@ -22,6 +22,7 @@ import torch
 
 from bench.errors import BenchError
 from bench.flops import FlopModel, PriceCache
+from bench.opcount import parameter_count
 from bench.protocol import EvalSettings, check_execution, predict, speed_entry, time_methods
 from bench.results import SCHEMA_VERSION, ResultsStore, op_label
 from methods import dtop, early_exit, paumer, tome
@@ -263,6 +264,7 @@ def run_speed(opts: SpeedOptions) -> list[dict]:
             "flops_unit": "GFLOPs (fvcore, MAC)",
             "tokens_per_block": tokens[label],
             "speed": {str(bs): speed_entry(t, label) for bs, t in speeds.items()},
+            "parameters": parameter_count(model, getattr(policy, "heads", None)),
             "timing_images": opts.timing_images,
             "seed": opts.seed,
             **env,

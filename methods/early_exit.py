@@ -117,13 +117,14 @@ class EarlyExitPolicy(Policy):
         valid = state.valid if state.valid is not None else torch.ones_like(conf, dtype=torch.bool)
         if self.stay is not None:
             stay = self.stay[self.heads.layers.index(index + 1)]
-            leave = scheduled_selection(-conf, state.valid, stay, state.source.shape[1], self.spread)
+            leave = scheduled_selection(-conf, state.valid, stay, state.source.shape[1], self.spread,
+                                        active=state.counts())
         elif self.mode == "token":
             leave = (conf > self.threshold) & valid
         else:
             mean = (conf * valid).sum(1) / valid.sum(1).clamp(min=1)
             gone = valid.any(1) & (mean > self.threshold)
-            self.exit_layer.masked_fill_(gone & (self.exit_layer == len(state.trace.tokens[0])), index + 1)
+            self.exit_layer.masked_fill_(gone & (self.exit_layer == state.trace.depth), index + 1)
             leave = gone[:, None] & valid
         # row -> grid position: which positions leave, and their head logits
         rows = state.source.clamp(min=0)
@@ -134,7 +135,17 @@ class EarlyExitPolicy(Policy):
         state.keep(~leave, layer=index + 1)
 
     def decodes(self, state: TokenState) -> Optional[Tensor]:
-        return None if self.mode == "token" else self.exit_layer == len(state.trace.tokens[0])
+        return None if self.mode == "token" else self.exit_layer == state.trace.depth
+
+    def decoded_images(self, state: TokenState, decode: Tensor) -> list[int]:
+        """Image mode: an image is decoded unless it exited, and an exited image has no
+        active row left, so the host row counts ``keep`` already read say which (no sync)."""
+        B, n = state.x.shape[:2]
+        if n == 0:
+            return []
+        if state.row_counts is None:  # every image keeps the same (non-zero) count
+            return list(range(B))
+        return [b for b, count in enumerate(state.row_counts) if count > 0]
 
     def finish(self, logits: Tensor, state: TokenState) -> Tensor:
         if not state.any_left:  # host flag set by `keep`: exited tokens are the ones that left

@@ -41,36 +41,60 @@ class ComputeTrace:
     ``items`` lists (component key, per-image token counts) for every priced component
     that ran: the loop adds one ("block", counts) per block; a method adds its own
     (heads, matching). ``bench.flops`` prices each key at each count once and caches it.
+
+    During the forward nothing is copied or written per block: ``record_tokens`` and
+    ``add`` keep references to the count tensors, which ``TokenState`` computes once per
+    change of the active set and shares between blocks, and ``to_host`` moves each
+    distinct tensor to the host once (one stack, one copy) and fills ``tokens``.
     """
 
     tokens: Tensor
     items: list[tuple[tuple, Tensor]] = field(default_factory=list)
     decoded: Optional[Tensor] = None  # (B,) bool: images the decoder ran for; None: all
     decoder_rows: Optional[Tensor] = None  # (B,) rows the decoder ran on (merged rows); None: the full grid
+    blocks: list = field(default_factory=list)  # (block, (B,) grid-token counts) until ``to_host``
+
+    @property
+    def depth(self) -> int:
+        return self.tokens.shape[1]
+
+    def record_tokens(self, block: int, counts: Tensor) -> None:
+        """Grid tokens block ``block`` processed per image (written into ``tokens`` by ``to_host``)."""
+        self.blocks.append((block, counts if counts.dtype == torch.long else counts.long()))
 
     def add(self, key: tuple, counts: Tensor) -> None:
         # kept where they were computed (no host sync per block); ``to_host`` moves them
-        self.items.append((key, counts.detach().long()))
+        self.items.append((key, counts if counts.dtype == torch.long else counts.long()))
 
     def to_host(self) -> None:
         """Every count onto the CPU in one device-to-host copy (once per forward)."""
-        parts = [self.tokens] + [c[:, None] for _, c in self.items]
-        for extra in (self.decoded, self.decoder_rows):
-            if extra is not None:
-                parts.append(extra.long()[:, None])
-        if all(p.device.type == "cpu" for p in parts):
-            host = parts
+        extras = [x if x.dtype == torch.long else x.long() for x in (self.decoded, self.decoder_rows) if x is not None]
+        distinct: dict[int, Tensor] = {}  # the same tensor is recorded for many blocks
+        for t in [c for _, c in self.blocks] + [c for _, c in self.items] + extras:
+            distinct.setdefault(id(t), t)
+        if not distinct:
+            return
+        tensors = list(distinct.values())
+        device = next((t.device for t in tensors if t.device.type != "cpu"), None)
+        if device is None:
+            host = dict(zip(distinct, tensors))
         else:
-            device = next(p.device for p in parts if p.device.type != "cpu")
-            widths = [p.shape[1] for p in parts]
-            host = list(torch.cat([p.to(device) for p in parts], 1).cpu().split(widths, 1))
-        self.tokens = host[0]
-        self.items = [(key, h[:, 0]) for (key, _), h in zip(self.items, host[1:])]
-        rest = host[1 + len(self.items):]
+            rows = torch.stack([t.to(device) for t in tensors]).cpu().unbind(0)
+            host = dict(zip(distinct, rows))
+        if [block for block, _ in self.blocks] == list(range(self.depth)):  # the encoder loop's case
+            self.tokens = torch.stack([host[id(c)] for _, c in self.blocks], 1)
+        elif self.blocks:
+            tokens = torch.zeros_like(self.tokens, device="cpu")
+            for block, c in self.blocks:
+                tokens[:, block] = host[id(c)]
+            self.tokens = tokens
+        self.blocks = []
+        self.items = [(key, host[id(c)]) for key, c in self.items]
+        rest = [host[id(x)] for x in extras]
         if self.decoded is not None:
-            self.decoded = rest.pop(0)[:, 0].bool()
+            self.decoded = rest.pop(0).bool()
         if self.decoder_rows is not None:
-            self.decoder_rows = rest.pop(0)[:, 0]
+            self.decoder_rows = rest.pop(0)
 
 
 class TokenState:
@@ -94,21 +118,36 @@ class TokenState:
         # set (packed blocks split by them), and whether any token has left so far
         self.row_counts: Optional[list[int]] = None
         self.any_left = False
+        self._cache: dict = {}  # name -> (active-set key, value): ``_cached``
 
     @property
     def batch_size(self) -> int:
         return self.x.shape[0]
 
+    def _cached(self, name: str, make):
+        """``make()``, computed once per active set: the cache holds while ``valid`` is
+        the same object and the row count the same (a decision or merge replaces
+        ``valid``), so blocks between two decisions dispatch no counting ops."""
+        key = (self.valid, self.x.shape[1], self.num_prefix)
+        hit = self._cache.get(name)
+        if hit is not None and hit[0][0] is key[0] and hit[0][1:] == key[1:]:
+            return hit[1]
+        value = make()
+        self._cache[name] = (key, value)
+        return value
+
     def counts(self) -> Tensor:
         """Real active tokens per image, (B,), on the tokens' device (no host sync)."""
         if self.valid is None:
-            return torch.full((self.batch_size,), self.x.shape[1], dtype=torch.long, device=self.x.device)
-        return self.valid.sum(1)
+            return self._cached("counts", lambda: torch.full((self.batch_size,), self.x.shape[1], dtype=torch.long,
+                                                             device=self.x.device))
+        return self._cached("counts", lambda: self.valid.sum(1))
 
     def key_mask(self) -> Optional[Tensor]:
         """Boolean attention mask (B, 1, 1, P + n) that hides padded rows of ``joined()``, or None."""
-        valid = self.joined_valid()
-        return None if valid is None else valid[:, None, None, :]
+        if self.valid is None:
+            return None
+        return self._cached("key_mask", lambda: self.joined_valid()[:, None, None, :])
 
     @property
     def num_prefix(self) -> int:
@@ -137,8 +176,10 @@ class TokenState:
     def block_counts(self, counts: Optional[Tensor] = None) -> Tensor:
         """Tokens a block computes per image: the real active rows (``counts``, default
         ``counts()``) plus the prefix. What traces price blocks at."""
-        counts = self.counts() if counts is None else counts
-        return counts + self.num_prefix
+        if counts is None:
+            return self._cached("block_counts", lambda: self.counts() + self.num_prefix if self.num_prefix
+                                else self.counts())
+        return counts + self.num_prefix if self.num_prefix else counts
 
     def keep(self, keep: Tensor, layer: int) -> None:
         """Keep rows where ``keep`` (B, n) is True; park the others' tokens as they are.
@@ -150,31 +191,38 @@ class TokenState:
             return  # no active row: nothing can leave
         if self.valid is not None:
             keep = keep & self.valid
-        gone = ~keep.gather(1, self.source.clamp(min=0)) & (self.source >= 0)
         kept = keep.sum(1)
-        # the decision's one device-to-host read: rows kept per image, and whether any left
-        *row_counts, any_gone = torch.cat([kept, gone.any()[None].long()]).tolist()
-        if not any_gone and max(row_counts) == n:
+        # the decision's one device-to-host read: rows kept per image (a row left where an
+        # image keeps fewer than its real rows)
+        row_counts = kept.tolist()
+        if self.row_counts is not None or self.valid is None:
+            before = self.row_counts if self.row_counts is not None else [n] * B
+            any_gone = any(k < b for k, b in zip(row_counts, before))
+        else:  # rows merged away by a policy that keeps no host counts (ALGM): assume a change
+            any_gone = True
+        if not any_gone:
             return  # nothing left: the state is unchanged
-        if any_gone:
-            self.any_left = True
-            at_grid = self.x.gather(1, self.source.clamp(min=0)[..., None].expand(B, -1, D))
-            parked = torch.zeros_like(at_grid) if self.parked is None else self.parked
-            self.parked = torch.where(gone[..., None], at_grid, parked)
-            self.left_at.masked_fill_(gone, layer)
+        self.any_left = True
+        rows_at = self.source.clamp(min=0)  # each grid position's row (parked ones: any row)
+        drop, parked_before = ~keep, self.source < 0
+        gone = drop.gather(1, rows_at) > parked_before  # its row leaves, and it was not parked (a & ~b)
+        at_grid = self.x.gather(1, rows_at[..., None].expand(B, -1, D))
+        gone_d = gone[..., None]
+        self.parked = at_grid.where(gone_d, 0.0 if self.parked is None else self.parked)
+        self.left_at.masked_fill_(gone, layer)
         n_new = max(row_counts)
-        order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :n_new]
+        # kept rows first, in order (int8: the sort dtype the old code ran on CUDA too)
+        order = keep.to(torch.int8).argsort(dim=1, descending=True, stable=True)[:, :n_new]
         self.x = self.x.gather(1, order[..., None].expand(-1, -1, D))
         if self.size is not None:
             self.size = self.size.gather(1, order)
-        rows = torch.arange(n_new, device=self.x.device).expand(B, n_new)
         ragged = min(row_counts) != n_new
-        self.valid = rows < kept[:, None] if ragged else None
+        fits = torch.arange(n_new, device=self.x.device) < kept[:, None]  # (B, n_new): a real row
+        self.valid = fits if ragged else None
         self.row_counts = row_counts if ragged else None
         # old row -> new row (or -1), then re-point every grid position
-        new_row = torch.full((B, n), -1, dtype=torch.long, device=self.x.device)
-        new_row.scatter_(1, order, torch.where(rows < kept[:, None], rows, -1))
-        self.source = torch.where(self.source >= 0, new_row.gather(1, self.source.clamp(min=0)), -1)
+        new_row = keep.cumsum(1).sub_(1).masked_fill_(drop, -1)
+        self.source = new_row.gather(1, rows_at).masked_fill_(parked_before, -1)  # gone rows: -1 already
 
     def to_grid(self) -> Tensor:
         """Every token back at its grid position: (B, N, D)."""
@@ -188,12 +236,20 @@ class TokenState:
         return torch.where((self.source >= 0)[..., None], active, self.parked)
 
 
-def packed_block(block, x: Tensor, valid: Tensor, segments: Optional[list[int]] = None) -> Tensor:
+def packed_index(valid: Tensor, total: int) -> Tensor:
+    """Flat indices (T,) of the real rows of a padded (B, n) batch, image by image, found
+    without a host sync (``total``: T, known on the host)."""
+    return torch.argsort((~valid).flatten().to(torch.int8), stable=True)[:total]
+
+
+def packed_block(block, x: Tensor, valid: Tensor, segments: Optional[list[int]] = None,
+                 index: Optional[Tensor] = None) -> Tensor:
     """timm ``Block`` forward on the real rows of a padded batch, without computing the
     padding: linear layers and norms on the packed (T, D) rows, attention per image.
     ``valid`` marks each image's real rows, which come first (``TokenState.keep``);
     ``segments``: their host-side counts per image (``TokenState.row_counts``), read from
-    the device when not given.
+    the device when not given; ``index``: ``packed_index(valid, T)``, where the caller
+    keeps it between blocks.
 
     Modifications vs timm's ``Block.forward``: tokens packed, attention per image
     segment (no mask needed); no gating / attention dropout (inference path).
@@ -203,8 +259,8 @@ def packed_block(block, x: Tensor, valid: Tensor, segments: Optional[list[int]] 
     if segments is None:
         segments = valid.sum(1).tolist()
     T = sum(segments)
-    # flat indices of the real rows, image by image, found without a host sync
-    index = torch.argsort((~valid).flatten().to(torch.int8), stable=True)[:T]
+    if index is None:
+        index = packed_index(valid, T)
     flat = x.reshape(B * n, D)
     rows = flat.index_select(0, index)  # (T, D)
     qkv = attn.qkv(block.norm1(rows)).reshape(T, 3, attn.num_heads, attn.head_dim).permute(1, 2, 0, 3)
@@ -245,7 +301,10 @@ class Policy:
     def run_block(self, index: int, block, state: TokenState) -> None:
         if state.valid is not None and self.batching == "packed":
             segments = None if state.row_counts is None else [c + state.num_prefix for c in state.row_counts]
-            state.x = state.split(packed_block(block, state.joined(), state.joined_valid(), segments))
+            valid = state._cached("joined_valid", state.joined_valid)
+            index = None if segments is None else state._cached("packed_index",
+                                                                 lambda: packed_index(valid, sum(segments)))
+            state.x = state.split(packed_block(block, state.joined(), valid, segments, index))
         else:
             state.x = state.split(block(state.joined(), attn_mask=state.key_mask()))
         state.trace.add(("block",), state.block_counts())
@@ -257,6 +316,12 @@ class Policy:
         """(B,) bool: images the decoder runs for (None: all); the others' logits reach
         ``finish`` as zeros (image early exit labels them itself)."""
         return None
+
+    def decoded_images(self, state: TokenState, decode: Tensor) -> list[int]:
+        """The images of ``decodes``' mask as a host list (what the decoder's gather
+        needs). This default reads the mask (one sync); a policy that knows them from
+        host counts it already read overrides it."""
+        return decode.nonzero().flatten().tolist()
 
     def finish(self, logits: Tensor, state: TokenState) -> Tensor:
         """Last word on the decoder's logits (early exit overrides exited pixels)."""
@@ -278,7 +343,7 @@ def run_encoder(blocks, tokens: Tensor, grid: tuple[int, int], policy: Policy, m
     state = TokenState(tokens, grid, depth=len(blocks), prefix=prefix)
     policy.start(model, state)
     for i, block in enumerate(blocks):
-        state.trace.tokens[:, i] = state.counts()
+        state.trace.record_tokens(i, state.counts())
         if state.x.shape[1] + state.num_prefix > 0:  # the batch's largest count (``keep`` trims to it)
             policy.run_block(i, block, state)
         policy.after_block(i, block, state)

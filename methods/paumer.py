@@ -26,6 +26,7 @@ its state is frozen), tau drawn at random per batch, so one network serves every
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional, Sequence, Union
 
@@ -57,18 +58,27 @@ def default_stay(layers: int) -> list[float]:
     return [round(0.75 - 0.35 * i / max(layers - 1, 1), 4) for i in range(layers)]
 
 
+@functools.lru_cache(maxsize=256)
+def _scheduled_targets(B: int, stay: float, grid_tokens: int, spread: float, device) -> Tensor:
+    """(B,) tokens each image keeps under the schedule: a constant per batch shape,
+    computed once (on the CPU, as it always was) instead of five ops per decision."""
+    offset = torch.linspace(-spread, spread, B) if B > 1 else torch.zeros(B)
+    return ((stay + offset).clamp(0.0, 1.0) * grid_tokens).round().long().to(device)
+
+
 def scheduled_selection(scores: Tensor, candidates: Optional[Tensor], stay: float, grid_tokens: int,
-                        spread: float) -> Tensor:
+                        spread: float, active: Optional[Tensor] = None) -> Tensor:
     """Boolean (B, n): the lowest-``scores`` candidates of each image that must leave so
     that ``stay`` of its ``grid_tokens`` stay active; image b's share is offset by
-    ``spread`` x a value from -1 (first image) to +1 (last), so batches are ragged."""
+    ``spread`` x a value from -1 (first image) to +1 (last), so batches are ragged.
+    ``active``: the candidates' count per image, where the caller has it."""
     B, n = scores.shape
-    offset = torch.linspace(-spread, spread, B, device=scores.device) if B > 1 else scores.new_zeros(B)
-    target = ((stay + offset).clamp(0.0, 1.0) * grid_tokens).round().long()
-    active = candidates.sum(1) if candidates is not None else torch.full((B,), n, device=scores.device)
+    target = _scheduled_targets(B, stay, grid_tokens, spread, scores.device)
+    if active is None:
+        active = candidates.sum(1) if candidates is not None else torch.full((B,), n, device=scores.device)
     leave = (active - target).clamp(min=0)
     if candidates is not None:
-        scores = scores.masked_fill(~candidates, float("inf"))  # ranked after every candidate
+        scores = scores.where(candidates, float("inf"))  # ranked after every candidate
     ranks = scores.argsort(dim=1, stable=True).argsort(dim=1)
     return ranks < leave[:, None]
 
@@ -263,7 +273,8 @@ class PaumerPolicy(Policy):
         rows = self._rows_grid_position(state) if self.criterion == "oracle" else None
         if self.criterion == "schedule":
             stay = self.stay[self.layers.index(index + 1)]
-            pause = scheduled_selection(normalized_entropy(logits), state.valid, stay, state.source.shape[1], self.spread)
+            pause = scheduled_selection(normalized_entropy(logits), state.valid, stay, state.source.shape[1],
+                                        self.spread, active=state.counts())
         else:
             pause = self._pause(logits, tau, rows, state.valid)
         state.keep(~pause, layer=index + 1)  # its one host read; unchanged when none pauses

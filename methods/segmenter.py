@@ -297,9 +297,16 @@ class Segmenter(nn.Module):
             logits = self.decode(state.to_grid(), grid, out_size)
         else:
             tokens = state.to_grid()
-            logits = tokens.new_zeros(tokens.shape[0], self.num_classes, *out_size)
-            if decode.any():
-                logits[decode] = self.decode(tokens[decode], grid, out_size)
+            B = tokens.shape[0]
+            picked = policy.decoded_images(state, decode)  # host list: no boolean-mask indexing
+            if len(picked) == B:
+                logits = self.decode(tokens, grid, out_size)
+            elif picked:  # the others' logits are zeros, in the decoder's dtype (bf16 under autocast)
+                index = torch.tensor(picked, device=tokens.device)
+                out = self.decode(tokens.index_select(0, index), grid, out_size)
+                logits = out.new_zeros(B, *out.shape[1:]).index_copy_(0, index, out)
+            else:
+                logits = tokens.new_zeros(B, self.num_classes, *out_size)
             state.trace.decoded = decode
         logits = policy.finish(logits, state)
         state.trace.to_host()  # the forward's one read of its compute trace

@@ -135,7 +135,9 @@ def test_timing_interleaves_methods_repeat_by_repeat_and_synchronises_before_rea
     def one_pass(name):  # idle device, clock; each of the 2 forwards ends in a sync before the clock
         return ["sync", "clock"] + ["clock", name, "sync"] * 2 + ["clock"]
 
-    assert log == (one_pass("a") + one_pass("b")) * 3  # a, b in every repeat (1 warm-up + 2)
+    # first one untimed forward each (its ops and host reads, bench.opcount), then a, b in
+    # every repeat (1 warm-up + 2)
+    assert log == ["a", "b"] + (one_pass("a") + one_pass("b")) * 3
 
 
 class NeedsLabels(Policy):
@@ -162,6 +164,7 @@ def test_timing_gives_a_labelled_policy_the_labels_of_the_images_it_times(small_
     time_methods(runs, images, EvalSettings("whole"), batch_size=2, warmup=1, repeats=1, labels=labels)
     chunks = [[0, 1], [2, 3]] if len(set(sizes)) == 1 else [[0, 1], [2, 3], [4]]
     expected = [torch.stack([torch.full((32, sizes[i]), i) for i in chunk]) for chunk in chunks] * 2
+    expected = expected[:1] + expected  # the untimed forward that counts ops: the first chunk's labels
     assert len(policy.seen) == len(expected)
     assert all(torch.equal(a, b) for a, b in zip(policy.seen, expected))
     with pytest.raises(BenchError, match="oracle needs the timing images' labels"):

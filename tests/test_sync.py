@@ -71,3 +71,19 @@ def test_token_early_exit_reads_the_host_once_per_exit_layer(small_model, host_r
         reads = list(host_reads)
     assert state.any_left  # tokens exited, so the paint ran too
     assert reads == ["tolist"] * 2  # one per exit decision
+
+
+@pytest.mark.parametrize("threshold", [0.3, 1.0])  # some images exit / none does
+def test_image_early_exit_reads_the_host_once_per_exit_layer(small_model, host_reads, threshold):
+    model = _heads(EarlyExitModel(small_model, layers=[1, 2]).eval())
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    policy = EarlyExitPolicy(model.heads, threshold=threshold, mode="image")
+    with torch.inference_mode():
+        host_reads.clear()
+        _, state = model.segmenter.forward_state(x, policy)
+        reads = list(host_reads)
+    exited = state.trace.decoded is not None and not state.trace.decoded.all()
+    assert exited == (threshold < 1.0)  # the decoder skipped exited images (or ran for all)
+    # at most one per exit decision (none once every image has exited): which images to
+    # decode is known from those reads, no mask is read for it
+    assert set(reads) <= {"tolist"} and 1 <= len(reads) <= 2

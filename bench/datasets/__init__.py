@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -217,6 +218,34 @@ def _cityscapes_classes() -> tuple[str, ...]:
     return CLASSES
 
 
+class DeferredNames(Sequence):
+    """Class names read on first use: Cityscapes' come from cityscapesscripts, which a
+    machine that only times models (``bench speed``, ``bench report``) may lack."""
+
+    def __init__(self, load: Callable):
+        self._load, self._names = load, None
+
+    def _get(self) -> tuple:
+        if self._names is None:
+            self._names = tuple(self._load())
+        return self._names
+
+    def __getitem__(self, i):
+        return self._get()[i]
+
+    def __len__(self) -> int:
+        return len(self._get())
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Sequence) and tuple(self) == tuple(other)
+
+    def __hash__(self) -> int:
+        return hash(self._get())
+
+    def __repr__(self) -> str:
+        return repr(self._get())
+
+
 def _ade20k_classes() -> tuple[str, ...]:
     from bench.datasets.ade20k import CLASSES
 
@@ -243,7 +272,7 @@ DATASETS: dict[str, DatasetSpec] = {
     ),
     "cityscapes": DatasetSpec(
         name="cityscapes",
-        classes=_cityscapes_classes(),
+        classes=DeferredNames(_cityscapes_classes),
         preset=DatasetPreset(eval_mode="slide", window=768, stride=512, crop_size=768, scale_range=(0.5, 2.0),
                              batch_size=8, lr=0.01, steps=80_000, model="vit_small", decoder="mask",
                              optimizer="sgd", weight_decay=0.0),

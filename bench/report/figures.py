@@ -34,9 +34,14 @@ def figure_style():
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import seaborn as sns
 
-    rc = {**sns.axes_style("whitegrid"), **sns.plotting_context("paper"),
+    try:
+        import seaborn as sns
+
+        look = {**sns.axes_style("whitegrid"), **sns.plotting_context("paper")}
+    except ImportError:  # a machine without seaborn (a GPU box): matplotlib's copy of the look
+        look = {**plt.style.library["seaborn-v0_8-whitegrid"], **plt.style.library["seaborn-v0_8-paper"]}
+    rc = {**look,
           "font.size": FONT_PT, "axes.labelsize": FONT_PT + 1, "axes.titlesize": FONT_PT + 1,
           "xtick.labelsize": FONT_PT, "ytick.labelsize": FONT_PT, "legend.fontsize": FONT_PT,
           "legend.title_fontsize": FONT_PT, "lines.linewidth": 1.0, "lines.markersize": 4,

@@ -23,8 +23,23 @@ def speed_table(records: list[dict]) -> pd.DataFrame:
                          "compile": bool(r.get("compile")), "method": r["method"], "knobs": op_label(r["knobs"]),
                          "batch": int(bs), "gflops": r["gflops"]["mean"], "gflops_ratio": r["gflops_ratio"],
                          "throughput": s["throughput"], "speedup": s["speedup"],
-                         "realised": s["speedup"] * r["gflops_ratio"]})
-    return pd.DataFrame(rows)
+                         "realised": s["speedup"] * r["gflops_ratio"],
+                         **{k: s[k] for k in BUDGET if k in s}})
+    df = pd.DataFrame(rows)
+    if "ops_per_forward" in df.columns:  # records measured with the kernel budget (bench.opcount)
+        df["ops_ratio"] = df["ops_per_forward"] / _baseline_value(df, "ops_per_forward")
+    return df
+
+
+# per batch size, from one untimed eager forward; older records have none (no column then)
+BUDGET = ("ops_per_forward", "host_syncs_per_forward", "peak_memory_mb")
+SETTING = ["model", "decoder", "size", "device", "precision", "compile", "batch"]
+
+
+def _baseline_value(df: pd.DataFrame, column: str) -> pd.Series:
+    """Per row, ``column`` of the baseline timed at the same setting and batch size."""
+    base = df[df["method"] == "baseline"].drop_duplicates(SETTING).set_index(SETTING)[column]
+    return pd.Series([base.get(key, float("nan")) for key in map(tuple, df[SETTING].values)], index=df.index)
 
 
 def speed_summary(df: pd.DataFrame) -> pd.DataFrame:
@@ -37,6 +52,9 @@ def speed_summary(df: pd.DataFrame) -> pd.DataFrame:
         for _, r in sub.iterrows():
             row[f"speedup b{r['batch']}"] = r["speedup"]
             row[f"realised b{r['batch']}"] = r["realised"]
+            if "ops_ratio" in r:
+                row[f"ops x b{r['batch']}"] = r["ops_ratio"]
+                row[f"syncs b{r['batch']}"] = r["host_syncs_per_forward"]
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -46,6 +64,9 @@ def speed_report(records: list[dict], out_dir: Path, width: str = "text") -> lis
     the FLOPs speedup (1 / FLOPs ratio), with y = x: where every saved FLOP becomes time."""
     df = speed_table(records)
     md = ["# bench speed", "", "realised = speedup x FLOPs ratio: 1.0 when the FLOP saving fully becomes time.", ""]
+    if "ops_ratio" in df.columns:
+        md += ["ops x = aten ops dispatched in one eager forward over the baseline's at the same setting; "
+               "syncs = host reads of device values in that forward (bench.opcount).", ""]
     md += _md_table(speed_summary(df), "{:.2f}") + ["", "Every record and batch size:", ""] + _md_table(df, "{:.3f}")
     files = [_write_text(out_dir / "speed.md", "\n".join(md) + "\n"), _write_csv(out_dir / "speed.csv", df)]
     with figure_style() as plt:
