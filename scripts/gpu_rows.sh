@@ -15,6 +15,8 @@
 #   --gpu-name NAME  the results/reports folder name (default: the GPU's name, slugged)
 #   --only A,B       run only these steps (768-eager, 512-eager, 768-compile, 512-compile, report)
 #
+# Methods: every one with an inference-time policy (PAUMER, early exit, DToP, ToMe, ALGM at
+# its default threshold 0.88, static); the fine-tuned variants run the same code.
 # GPU timing settings (docs/speed.md#gpu-rows): 8 timing images (one batch of 8: FLOP
 # pricing traces fvcore per token count, so fewer images keep it short), 3 warm-up passes,
 # 5 repeats; one schedule (0.75, 0.575, 0.4 +- 0.1), pad and packed; ToMe r = 88 at 768
@@ -63,17 +65,17 @@ REPORTS="reports/$GPU"
 export BENCH_GIT_COMMIT="${BENCH_GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || true)}"
 
 COMMON="--model vit_small --decoder mask --device cuda --precision bf16 --threads 4
-  --method paumer,early-exit,tome,static --batching pad,packed --scale 0.75
+  --method paumer,early-exit,dtop,tome,algm,static --op algm:threshold=0.88 --batching pad,packed --scale 0.75
   --timing-images 8 --warmup 3 --repeats 5 --results $RESULTS"
 AT768="--size 768 --batch-size 1,8 --tome-r 88"
 AT512="--size 512 --batch-size 8 --num-classes 150 --tome-r 39"
 
-# name | seconds | command (the budget: 460 s of steps, under 8 minutes in all; compiling
+# name | seconds | command (the budget: 470 s of steps, under 8 minutes in all; compiling
 # takes most of the compiled steps: inductor's first graphs, then its cache)
 STEPS=(
-  "768-eager|100|$PY -m bench.cli speed $COMMON $AT768"
-  "512-eager|60|$PY -m bench.cli speed $COMMON $AT512"
-  "768-compile|170|$PY -m bench.cli speed $COMMON $AT768 --compile"
+  "768-eager|110|$PY -m bench.cli speed $COMMON $AT768"
+  "512-eager|70|$PY -m bench.cli speed $COMMON $AT512"
+  "768-compile|160|$PY -m bench.cli speed $COMMON $AT768 --compile"
   "512-compile|100|$PY -m bench.cli speed $COMMON $AT512 --compile"
   "report|30|$PY -m bench.cli report --results $RESULTS --out $REPORTS"
 )
