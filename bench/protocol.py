@@ -413,6 +413,14 @@ def speed_entry(timed: dict, name: str, baseline: str = "baseline") -> dict:
     return entry
 
 
+def _forward_chunk(model, policy, chunk, settings: EvalSettings, scale: float) -> list:
+    """One timed pass over a chunk (a batch tensor, or a list of batches of several sizes
+    for sliding windows); the rows of each forward that ran."""
+    if isinstance(chunk, Tensor):
+        return predict(model, policy, chunk, settings, scale=scale).forwards
+    return predict_windows(model, policy, chunk, settings, scale=scale)[1]
+
+
 @torch.inference_mode()
 def time_methods(runs: dict, images, settings: EvalSettings, *, batch_size: int,
                  warmup: int = 2, repeats: int = 5, labels=None) -> dict:
@@ -455,8 +463,9 @@ def time_methods(runs: dict, images, settings: EvalSettings, *, batch_size: int,
         model.eval()
         if label_chunks is not None and getattr(policy, "needs_labels", False):
             policy.pixel_labels = label_chunks[0].to(settings.device)
-        budget[name] = forward_counts(lambda: predict(model, policy, chunks[0], replace(run_settings, compile=False),
-                                                      scale=scale), settings.device)
+        budget[name] = forward_counts(lambda: _forward_chunk(model, policy, chunks[0],
+                                                             replace(run_settings, compile=False), scale),
+                                      settings.device)
     rates = {name: [] for name in runs}
     latencies = {name: [] for name in runs}
     ran = {name: [] for name in runs}  # rows of each forward of one pass
@@ -470,10 +479,7 @@ def time_methods(runs: dict, images, settings: EvalSettings, *, batch_size: int,
                 if label_chunks is not None and getattr(policy, "needs_labels", False):
                     policy.pixel_labels = label_chunks[k].to(settings.device)  # this chunk's, as evaluated
                 t0 = time.perf_counter()
-                if isinstance(chunk, Tensor):
-                    forwards = predict(model, policy, chunk, run_settings, scale=scale).forwards
-                else:  # sliding windows over images of several sizes
-                    forwards = predict_windows(model, policy, chunk, run_settings, scale=scale)[1]
+                forwards = _forward_chunk(model, policy, chunk, run_settings, scale)
                 _sync(device)
                 if r == 0:
                     ran[name] += forwards
