@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from bench.errors import BenchError
 from bench.flops import FlopModel, count_flops, eval_mode
-from bench.protocol import _sync, spread
+from bench.timing import _sync, spread
 from methods.encoder import Policy
 from methods.segmenter import Segmenter
 from methods.timm_patch import PatchedSegmenter, PatchedViT, _scaled, is_timm_vit
@@ -34,8 +34,8 @@ def image_flops(model: nn.Module, images: Tensor) -> Tensor:
     is counted whole with fvcore and the batch's count shared equally."""
     images = _check_images(images)
     if is_timm_vit(model):
-        from methods.timm_patch import patch_model
         from methods import METHODS
+        from methods.timm_patch import patch_model
 
         model = patch_model(model, METHODS["baseline"], {})
     try:
@@ -83,7 +83,7 @@ def _named(models) -> dict:
 def time(models, images: Tensor, batch_sizes: Sequence[int] = (1, 8), *, warmup: int = 2, repeats: int = 5,
          device: str | None = None):
     """Throughput, latency and speedup of several models on the same images, with the
-    loop of ``bench run`` (``protocol.time_methods``): pre-loaded inputs, inference mode,
+    loop of ``bench run`` (``timing.time_methods``): pre-loaded inputs, inference mode,
     the models interleaved repeat by repeat so that drift in the machine's speed hits all
     alike, median over ``repeats`` after ``warmup`` passes, the device synchronised.
 

@@ -20,19 +20,20 @@ import numpy as np
 import torch
 
 from bench import datasets, distributed, per_image
+from bench.datasets.fingerprint import fingerprint
 from bench.errors import BenchError
 from bench.flops import FlopModel, PriceCache
 from bench.imported import imported_baseline, stored_baseline  # noqa: F401 (part of the runner's API)
+from bench.opcount import parameter_count
 from bench.planning import (check_device, check_folder, check_seed, check_ops, describe_plan, pending_ops, plan,  # noqa: F401
                             training_plan, validate)
-from bench.opcount import parameter_count
-from bench.protocol import check_execution, evaluate, speed_entry, time_methods
+from bench.protocol import check_execution, evaluate
 from bench.provenance import full_config, write_config
 from bench.results import SCHEMA_VERSION, ResultsStore
 from bench.runspec import (RunOptions, _model_config, _model_depth, _settings, checkpoint_groups,  # noqa: F401
                            checkpoint_path, dataset_spec, eval_images, eval_tokens, fine_tune_config, get_method,
                            new_model, operating_points, parse_op, point_identity, stored_checkpoint, train_config)
-from bench.datasets.fingerprint import fingerprint
+from bench.timing import speed_entry, time_methods
 from bench.train import TrainConfig, load_checkpoint, train
 from methods import CONTROL, MethodSpec
 from methods.encoder import Policy

@@ -8,7 +8,7 @@ that batches are ragged (PAUMER's ``schedule`` criterion, early exit's ``stay``:
 same policy code, gathers, batching and decoder as ``bench run``). ToMe takes its ``r``,
 static its scale; every other registered method (ALGM, plugins) runs its own policy on
 the random weights (its heads random too) at its default sweep or the given ``ops``. The baseline is timed in the same process, interleaved
-(``protocol.time_methods``), FLOPs per image come from ``FlopModel``, and one record per
+(``timing.time_methods``), FLOPs per image come from ``FlopModel``, and one record per
 method goes to ``<results>/speed.jsonl`` (dataset ``speed``). Accuracy is not measured.
 """
 from __future__ import annotations
@@ -23,8 +23,9 @@ import torch
 from bench.errors import BenchError
 from bench.flops import FlopModel, PriceCache
 from bench.opcount import parameter_count
-from bench.protocol import EvalSettings, check_execution, predict, speed_entry, time_methods
+from bench.protocol import EvalSettings, check_execution, predict
 from bench.results import SCHEMA_VERSION, ResultsStore, op_label
+from bench.timing import speed_entry, time_methods
 from methods import dtop, early_exit, paumer, tome
 from methods.encoder import Policy
 from methods.segmenter import build_model

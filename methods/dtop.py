@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from methods.dtop_head import DToPHead, atm_loss, prune_decision, token_scores
-from methods.encoder import Policy, TokenState, check_batching
+from methods.encoder import Policy, TokenState, check_batching, masked_block
 from methods.paumer import check_layers, scheduled_selection
 
 # from nothing pruned (scores are below 1) to everything prunable pruned at the first head
@@ -159,10 +159,7 @@ class DToPPolicy(Policy):
     def run_block(self, index: int, block, state: TokenState) -> None:
         if not self.simulate:
             return super().run_block(index, block, state)
-        # masked simulation (as PAUMER's): pruned tokens hidden as keys, their states frozen
-        out = state.split(block(state.joined(), attn_mask=state.joined_valid(self.active)[:, None, None, :]))
-        state.x = torch.where(self.active[..., None], out, state.x)
-        state.trace.add(("block",), state.block_counts(self.active.sum(1)))
+        masked_block(block, state, self.active)  # pruned tokens hidden as keys, states frozen
 
     def _paint_canvas(self, masks: Tensor, state: TokenState) -> None:
         """Mask logits of the active rows (B, n, C) onto their grid positions."""

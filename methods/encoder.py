@@ -274,6 +274,15 @@ def packed_block(block, x: Tensor, valid: Tensor, segments: Optional[list[int]] 
     return torch.zeros_like(flat).index_copy_(0, index, rows).reshape(B, n, D)
 
 
+def masked_block(block, state: TokenState, active: Tensor) -> None:
+    """One block with every row where ``active`` is False hidden as a key and its state
+    kept: training's simulation of tokens that left (gradients need the full batch);
+    inference gathers instead. The prefix tokens always run."""
+    out = state.split(block(state.joined(), attn_mask=state.joined_valid(active)[:, None, None, :]))
+    state.x = torch.where(active[..., None], out, state.x)
+    state.trace.add(("block",), state.block_counts(active.sum(1)))
+
+
 BATCHINGS = ("pad", "packed")
 
 

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from methods.encoder import Policy, TokenState, check_batching
+from methods.encoder import Policy, TokenState, check_batching, masked_block
 
 CRITERIA = ("entropy", "confidence", "random", "oracle", "schedule")
 
@@ -247,11 +247,7 @@ class PaumerPolicy(Policy):
     def run_block(self, index: int, block, state: TokenState) -> None:
         if not self.simulate:
             return super().run_block(index, block, state)
-        # masked simulation: paused tokens are hidden as keys, their outputs discarded (the
-        # class token, in the prefix, is never paused)
-        out = state.split(block(state.joined(), attn_mask=state.joined_valid(self.active)[:, None, None, :]))
-        state.x = torch.where(self.active[..., None], out, state.x)
-        state.trace.add(("block",), state.block_counts(self.active.sum(1)))
+        masked_block(block, state, self.active)  # paused tokens hidden as keys, outputs discarded
 
     def after_block(self, index: int, block, state: TokenState) -> None:
         if index + 1 not in self.layers:

@@ -4,8 +4,9 @@ as a ratio to the baseline."""
 import torch
 
 from bench.opcount import OpCounter, count_host_reads, forward_counts, parameter_count
-from bench.protocol import EvalSettings, predict, time_methods
+from bench.protocol import EvalSettings, predict
 from bench.speed import SpeedOptions, run_speed
+from bench.timing import time_methods
 from methods.encoder import Policy
 from methods.paumer import PaumerModel, PaumerPolicy
 

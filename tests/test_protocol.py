@@ -4,9 +4,10 @@ import pytest
 import torch
 from torch import nn
 
-from bench import protocol
+from bench import timing
 from bench.errors import BenchError
-from bench.protocol import EvalSettings, evaluate, predict, speed_entry, time_methods, window_starts
+from bench.protocol import EvalSettings, evaluate, predict, window_starts
+from bench.timing import speed_entry, time_methods
 from methods.encoder import Policy, TokenState
 
 
@@ -102,12 +103,12 @@ def test_speedup_spread_is_over_ratios_of_the_same_repeat():
 
 
 def test_timing_synchronises_the_device_it_runs_on(monkeypatch):
-    from bench import protocol
+    from bench import timing
 
     calls = []
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(device))
-    protocol._sync("cuda:1")
-    protocol._sync("cpu")
+    timing._sync("cuda:1")
+    timing._sync("cpu")
     assert calls == [torch.device("cuda:1")]  # not the current device (cuda:0)
 
 
@@ -125,8 +126,8 @@ def test_timing_interleaves_methods_repeat_by_repeat_and_synchronises_before_rea
         small_model, monkeypatch):
     log = []
     clock = time.perf_counter
-    monkeypatch.setattr(protocol, "_sync", lambda *args, **kwargs: log.append("sync"))
-    monkeypatch.setattr(protocol.time, "perf_counter", lambda: log.append("clock") or clock())
+    monkeypatch.setattr(timing, "_sync", lambda *args, **kwargs: log.append("sync"))
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: log.append("clock") or clock())
     images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
     runs = {name: (small_model, Logging(name, log), 1.0) for name in ("a", "b")}
     time_methods(runs, images, EvalSettings("whole"), batch_size=2, warmup=1, repeats=2)
