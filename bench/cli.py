@@ -357,15 +357,16 @@ def methods_cmd():
               help="checkpoint folder, where the training logs drawn as curves are")
 @click.option("--readme", default=None,
               help="a Markdown file whose `bench-report:<dataset>-facts` blocks are rewritten "
-                   "(default: ./README.md with the default --results; '' for none)")
+                   "(default: ./README.md with the default --results and --out; '' for none)")
 def report_cmd(results, out, width, checkpoints, readme):
     """Tables (Markdown, LaTeX, CSV) and figures (PNG, SVG, PDF) from the stored records."""
     from pathlib import Path
 
     from bench.report import report
 
-    if readme is None:  # another results folder (results/h100) must not rewrite the main rows' numbers
-        readme = "README.md" if results == "results" and Path("README.md").is_file() else ""
+    if readme is None:  # other folders (results/h100, a scratch --out) leave the README's numbers alone
+        default = results == "results" and out == "reports"
+        readme = "README.md" if default and Path("README.md").is_file() else ""
     for path in report(results, out, width=width, checkpoints=checkpoints, readme=readme or None):
         click.echo(f"wrote {path}")
 

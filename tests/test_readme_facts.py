@@ -38,3 +38,17 @@ def test_update_rewrites_only_the_blocks_and_refuses_a_block_without_records(tmp
     readme.write_text("<!-- BEGIN bench-report:other-facts -->\n<!-- END bench-report:other-facts -->\n")
     with pytest.raises(BenchError, match="other-facts that no stored records fill"):
         update_readme(readme, recs)
+
+
+def test_a_report_into_another_folder_leaves_the_readme_alone(tmp_path, monkeypatch):
+    from bench.cli import main
+
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "toy.jsonl").write_text((REPO / "results" / "synthetic.jsonl").read_text().splitlines()[0]
+                                                     + "\n")
+    before = "<!-- BEGIN bench-report:synthetic-facts -->\nold\n<!-- END bench-report:synthetic-facts -->\n"
+    (tmp_path / "README.md").write_text(before)
+    monkeypatch.chdir(tmp_path)
+    main(["report", "--out", str(tmp_path / "scratch")])
+    assert (tmp_path / "scratch" / "synthetic.md").is_file()
+    assert (tmp_path / "README.md").read_text() == before  # only --out was written
