@@ -29,6 +29,9 @@ class FineTune:
     op_knobs: tuple = ()
     # (training knobs, baseline depth) -> another method whose checkpoint this one is, or None
     same_as: Optional[Callable[[dict, int], Optional[str]]] = None
+    # what its training log's loss is: the plain pixel loss ("segmentation") or that plus
+    # its heads' terms ("with head loss"), drawn apart in the training curves
+    loss_kind: str = "segmentation"
 
 
 @dataclass(frozen=True)
@@ -134,7 +137,7 @@ METHODS: dict[str, MethodSpec] = {
             build=lambda seg, layers=None, **_: paumer.PaumerModel(seg, layers),
             loss=lambda m, images, labels, tau_max=0.5, head_weight=0.5, **_: paumer.paumer_loss(
                 m, images, labels, tau_max=tau_max, head_weight=head_weight),
-            knobs={"tau_max": 0.5, "head_weight": 0.5},
+            knobs={"tau_max": 0.5, "head_weight": 0.5}, loss_kind="with head loss",
         ),
         map_ops=[{"tau": 0.1}, {"tau": 0.3}], swept="tau", per_layer_knobs=("tau",),
         knob_choices={"criterion": paumer.CRITERIA, "batching": BATCHINGS},
@@ -180,7 +183,7 @@ METHODS: dict[str, MethodSpec] = {
             build=lambda seg, layers=None, **_: early_exit.EarlyExitModel(seg, layers),
             loss=lambda m, images, labels, head_weight=0.5, **_: early_exit.early_exit_loss(
                 m, images, labels, head_weight=head_weight),
-            knobs={"head_weight": 0.5},
+            knobs={"head_weight": 0.5}, loss_kind="with head loss",
         ),
         map_ops=[{"mode": "token", "threshold": 0.95}, {"mode": "token", "threshold": 0.9}], swept="threshold",
         knob_choices={"mode": early_exit.MODES, "batching": BATCHINGS},
@@ -196,7 +199,7 @@ METHODS: dict[str, MethodSpec] = {
             build=lambda seg, layers=None, **_: dtop.DToPModel(seg, layers),
             loss=lambda m, images, labels, threshold=None, top_k=dtop.TOP_K, **_: dtop.dtop_loss(
                 m, images, labels, threshold=threshold, top_k=top_k),
-            knobs={"threshold": None, "top_k": dtop.TOP_K},  # None: DToP's 0.9 (0.95 for 24 blocks)
+            knobs={"threshold": None, "top_k": dtop.TOP_K}, loss_kind="with head loss",  # None: 0.9 (0.95: 24 blocks)
         ),
         map_ops=[{"threshold": 0.9}, {"threshold": 0.7}], swept="threshold",
         knob_choices={"batching": BATCHINGS},

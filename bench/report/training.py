@@ -73,12 +73,12 @@ def read_training_log(path: Path) -> pd.DataFrame:
 
 
 def _loss_kind(method: str) -> str:
-    """"segmentation": the plain pixel loss; "with head loss": plus a weighted head term
-    (a fine-tune whose training knobs have ``head_weight``: PAUMER, early exit)."""
+    """"segmentation": the plain pixel loss; "with head loss": plus its heads' terms
+    (``FineTune.loss_kind``: PAUMER, early exit, DToP)."""
     from methods import all_methods
 
     ft = getattr(all_methods().get(method), "fine_tune", None)
-    return "with head loss" if ft is not None and "head_weight" in ft.knobs else "segmentation"
+    return ft.loss_kind if ft is not None else "segmentation"
 
 
 def _group_of(label: str) -> str:
@@ -142,7 +142,7 @@ def training_figure(logs: list[tuple[str, Path]], width: str = "text", caption: 
         offsets = sorted({c["offset"] for c in mine if c["offset"]})
         for x in offsets:
             ax.axvline(x, color="grey", linewidth=0.6, linestyle=":", zorder=0)
-        ax.set_title("segmentation loss" if kind == "segmentation" else "segmentation + weighted head loss")
+        ax.set_title("segmentation loss" if kind == "segmentation" else "segmentation + head losses")
         ax.set_xlabel("training step (fine-tunes after the baseline's)" if offsets else "training step")
         ax.set_ylabel("training loss")
         ax.legend(loc="best", frameon=True, framealpha=0.85, edgecolor="none")
