@@ -3,7 +3,6 @@ any model a notebook holds (patched or not)."""
 from __future__ import annotations
 
 import statistics
-import time as _time
 from typing import Sequence, Union
 
 import torch
@@ -11,7 +10,7 @@ from torch import Tensor, nn
 
 from bench.errors import BenchError
 from bench.flops import FlopModel, count_flops, eval_mode
-from bench.timing import _sync, spread
+from bench.timing import interleave, spread
 from methods.encoder import Policy
 from methods.segmenter import Segmenter
 from methods.timm_patch import PatchedSegmenter, PatchedViT, _scaled, is_timm_vit
@@ -103,25 +102,14 @@ def time(models, images: Tensor, batch_sizes: Sequence[int] = (1, 8), *, warmup:
         device = first.device if first is not None else torch.device("cpu")
     device = torch.device(device)
     images = images.to(device)
+    for model in named.values():
+        model.eval()
     rows = []
     for bs in batch_sizes:
-        chunks = images.split(int(bs))
-        rates = {name: [] for name in named}
-        latencies = {name: [] for name in named}
+        steps = {name: (lambda k, chunk, model=model: model(chunk)) for name, model in named.items()}
         with torch.inference_mode():
-            for r in range(warmup + repeats):
-                for name, model in named.items():
-                    model.eval()
-                    _sync(device)
-                    start = _time.perf_counter()
-                    for chunk in chunks:
-                        t0 = _time.perf_counter()
-                        model(chunk)
-                        _sync(device)
-                        if r >= warmup and bs == 1:
-                            latencies[name].append((_time.perf_counter() - t0) * 1e3)
-                    if r >= warmup:
-                        rates[name].append(len(images) / (_time.perf_counter() - start))
+            rates, latencies, _ = interleave(steps, list(images.split(int(bs))), len(images), device,
+                                             warmup=warmup, repeats=repeats, latency=int(bs) == 1)
         first = statistics.median(next(iter(rates.values())))
         for name in named:
             row = {"model": name, "batch_size": int(bs), "throughput": statistics.median(rates[name]),

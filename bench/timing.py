@@ -62,6 +62,36 @@ def _forward_chunk(model, policy, chunk, settings: EvalSettings, scale: float) -
     return predict_windows(model, policy, chunk, settings, scale=scale)[1]
 
 
+def interleave(steps: dict, chunks: list, images: int, device, *, warmup: int, repeats: int,
+               latency: bool) -> tuple[dict, dict, dict]:
+    """The timing loop every timed number comes from: each repeat runs every named
+    ``step(k, chunk)`` over all ``chunks`` in turn (interleaved, so drift in the
+    machine's speed hits all alike), the device synchronised before each clock read.
+    Returns name -> throughput (``images`` per pass / seconds) of each timed repeat,
+    name -> per-chunk latencies in ms (``latency``), name -> what its steps returned in
+    the first pass."""
+    device = torch.device(device)
+    rates = {name: [] for name in steps}
+    latencies = {name: [] for name in steps}
+    first = {name: [] for name in steps}
+    for r in range(warmup + repeats):
+        for name, step in steps.items():
+            _sync(device)
+            start = time.perf_counter()
+            for k, chunk in enumerate(chunks):
+                t0 = time.perf_counter()
+                out = step(k, chunk)
+                _sync(device)
+                if r == 0:
+                    first[name].append(out)
+                if r >= warmup and latency:
+                    latencies[name].append((time.perf_counter() - t0) * 1e3)
+            elapsed = time.perf_counter() - start
+            if r >= warmup:
+                rates[name].append(images / elapsed)
+    return rates, latencies, first
+
+
 @torch.inference_mode()
 def time_methods(runs: dict, images, settings: EvalSettings, *, batch_size: int,
                  warmup: int = 2, repeats: int = 5, labels=None) -> dict:
@@ -107,28 +137,20 @@ def time_methods(runs: dict, images, settings: EvalSettings, *, batch_size: int,
         budget[name] = forward_counts(lambda: _forward_chunk(model, policy, chunks[0],
                                                              replace(run_settings, compile=False), scale),
                                       settings.device)
-    rates = {name: [] for name in runs}
-    latencies = {name: [] for name in runs}
-    ran = {name: [] for name in runs}  # rows of each forward of one pass
-    device = torch.device(settings.device)  # where the models and the images are
-    for r in range(warmup + repeats):
-        for name, (model, policy, scale) in runs.items():
-            model.eval()
-            _sync(device)
-            start = time.perf_counter()
-            for k, chunk in enumerate(chunks):
-                if label_chunks is not None and getattr(policy, "needs_labels", False):
-                    policy.pixel_labels = label_chunks[k].to(settings.device)  # this chunk's, as evaluated
-                t0 = time.perf_counter()
-                forwards = _forward_chunk(model, policy, chunk, run_settings, scale)
-                _sync(device)
-                if r == 0:
-                    ran[name] += forwards
-                if r >= warmup and batch_size == 1:
-                    latencies[name].append((time.perf_counter() - t0) * 1e3)
-            elapsed = time.perf_counter() - start
-            if r >= warmup:
-                rates[name].append(len(images) / elapsed)
+    if label_chunks is not None:  # on the device before timing: a pass copies no labels
+        label_chunks = [chunk.to(settings.device) for chunk in label_chunks]
+
+    def step_of(model, policy, scale):
+        def step(k, chunk):
+            if label_chunks is not None and getattr(policy, "needs_labels", False):
+                policy.pixel_labels = label_chunks[k]  # this chunk's, as evaluated
+            return _forward_chunk(model, policy, chunk, run_settings, scale)
+        return step
+
+    steps = {name: step_of(model, policy, scale) for name, (model, policy, scale) in runs.items()}
+    rates, latencies, first = interleave(steps, chunks, len(images), settings.device, warmup=warmup,
+                                         repeats=repeats, latency=batch_size == 1)
+    ran = {name: [n for forwards in first[name] for n in forwards] for name in runs}  # rows of each forward
     out = {}
     for name in runs:
         s = spread(rates[name])
