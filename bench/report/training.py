@@ -145,7 +145,10 @@ def training_figure(logs: list[tuple[str, Path]], width: str = "text", caption: 
         ax.set_title("segmentation loss" if kind == "segmentation" else "segmentation + head losses")
         ax.set_xlabel("training step (fine-tunes after the baseline's)" if offsets else "training step")
         ax.set_ylabel("training loss")
-        ax.legend(loc="best", frameon=True, framealpha=0.85, edgecolor="none")
+        if len(mine) > 8:  # seeds multiply the curves: a legend inside would cover them
+            ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, fontsize="small", frameon=False)
+        else:
+            ax.legend(loc="best", frameon=True, framealpha=0.85, edgecolor="none")
     for ax in list(axes.flat)[len(kinds):]:
         ax.axis("off")
     _caption(fig, caption, width)
