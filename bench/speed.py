@@ -109,9 +109,9 @@ def build_runs(opts: SpeedOptions, model) -> dict:
                             policy = early_exit.EarlyExitPolicy(heads, stay=list(stay), spread=opts.spread,
                                                                 batching=batching)
                         add(name, policy, 1.0, {"stay": policy.stay, "spread": opts.spread, "batching": batching})
-            elif name == "dtop":  # its own layers (2 of 12): its own default schedule
+            elif name == "dtop":  # its own layers (2 of 12): the --stay schedules of that length, else its own
                 dtop_layers = dtop.default_layers(depth)
-                for stay in (opts.stay and schedules) or [paumer.default_stay(len(dtop_layers))]:
+                for stay in dtop_schedules(schedules if opts.stay else [], len(dtop_layers)):
                     for batching in _values(opts.batching):
                         heads = dtop.DToPHeads(model.config.embed_dim, model.num_classes, dtop_layers)
                         policy = dtop.DToPPolicy(heads.to(opts.device).eval(), stay=list(stay), spread=opts.spread,
@@ -134,6 +134,13 @@ def build_runs(opts: SpeedOptions, model) -> dict:
         except (TypeError, ValueError) as e:
             raise BenchError(f"bench speed {name}: {e}") from None
     return runs
+
+
+def dtop_schedules(schedules: list, layers: int) -> list:
+    """DToP's schedules: those of ``schedules`` with one value per pruning layer, else its
+    default (PAUMER's schedules have three values, DToP prunes after two layers, so one
+    ``bench speed`` command can time both against one baseline)."""
+    return [s for s in schedules if len(s) == layers] or [paumer.default_stay(layers)]
 
 
 def _add_registered(spec, model, ops: list, device: str, runs: dict) -> None:

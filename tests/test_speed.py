@@ -111,3 +111,17 @@ def test_several_operating_points_are_timed_against_one_baseline(tmp_path):
     assert max(r["gflops_ratio"] for r in deeper) < min(r["gflops_ratio"] for r in lighter)
     with pytest.raises(BenchError, match="--batching takes pad, packed"):
         cli.main(args=args + ["--batching", "pad,padded"], standalone_mode=False)
+
+
+def test_dtop_takes_the_schedules_of_its_own_length_and_else_its_default():
+    from bench.speed import build_runs
+    from methods import paumer
+    from methods.segmenter import build_model
+
+    model = build_model(10, "tiny").eval()  # 6 blocks: PAUMER pauses after 3 layers, DToP prunes after 2
+    three, two = [0.75, 0.575, 0.4], [0.6, 0.3]
+    runs = build_runs(SpeedOptions(model="tiny", size=64, methods=["paumer", "dtop"], stay=[three]), model)
+    dtop_stays = [policy.stay for name, _, policy, _, _ in runs.values() if name == "dtop"]
+    assert dtop_stays == [paumer.default_stay(2)]  # a 3-layer schedule is PAUMER's, not DToP's
+    runs = build_runs(SpeedOptions(model="tiny", size=64, methods=["dtop"], stay=[two]), model)
+    assert [policy.stay for name, _, policy, _, _ in runs.values() if name == "dtop"] == [two]
