@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_leaves
 
 # Tensor methods through which Python code reads a device value on the host
@@ -23,8 +23,20 @@ HOST_READS = ("item", "tolist", "cpu", "__bool__", "__int__", "__float__", "__in
 
 
 def _storages(value) -> set:
-    return {t.untyped_storage().data_ptr() for t in tree_leaves(value)
-            if isinstance(t, torch.Tensor) and t.device.type != "meta"}
+    """Data pointers of the memory the tensors in ``value`` hold. A jagged nested tensor
+    (a tensor subclass with no storage of its own) holds its components' (values,
+    offsets): an op on it that returns a view of its values launches nothing. An empty
+    tensor holds none (a nested tensor's cached min/max lengths are (0, n) tensors)."""
+    out = set()
+    for t in tree_leaves(value):
+        if not isinstance(t, torch.Tensor) or t.device.type == "meta" or (not t.is_nested and t.numel() == 0):
+            continue
+        if is_traceable_wrapper_subclass(t):
+            names, _ = t.__tensor_flatten__()
+            out |= _storages([getattr(t, name) for name in names])
+        else:
+            out.add(t.untyped_storage().data_ptr())
+    return out
 
 
 class OpCounter(TorchDispatchMode):

@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from methods.ragged import segment_attention
+
 
 @dataclass
 class ComputeTrace:
@@ -266,8 +268,7 @@ def packed_block(block, x: Tensor, valid: Tensor, segments: Optional[list[int]] 
     qkv = attn.qkv(block.norm1(rows)).reshape(T, 3, attn.num_heads, attn.head_dim).permute(1, 2, 0, 3)
     q, k, v = qkv.unbind(0)  # (heads, T, head_dim)
     q, k = attn.q_norm(q), attn.k_norm(k)
-    out = torch.cat([F.scaled_dot_product_attention(qs, ks, vs)
-                     for qs, ks, vs in zip(q.split(segments, 1), k.split(segments, 1), v.split(segments, 1))], 1)
+    out = segment_attention(q, k, v, segments)  # (heads, T, head_dim): one fused call on CUDA
     out = attn.proj(attn.norm(out.transpose(0, 1).reshape(T, attn.attn_dim)))
     rows = rows + block.drop_path1(block.ls1(out))
     rows = rows + block.drop_path2(block.ls2(block.mlp(block.norm2(rows))))
