@@ -286,11 +286,16 @@ def log_path(checkpoint: Path) -> Path:
 
 
 class TrainingLog:
-    """Appends a line every ``every`` steps (see the module notes); ``enabled``: rank 0."""
+    """Appends a line every ``every`` steps (see the module notes); ``enabled``: rank 0.
+
+    Each step's loss is summed where it was computed (``add``: no host read); ``read``
+    brings the sum to the host, the step's one read, made only at a line, before a
+    checkpoint and at the end, and raises there if the loss is not finite."""
 
     def __init__(self, path: Path, every: int, start: int, enabled: bool, tensorboard: Optional[TensorBoardLog] = None):
         self.path, self.every, self.enabled, self.tensorboard = path, every, enabled, tensorboard
-        self.losses: list[float] = []
+        self.total: Optional[Tensor] = None  # float64 sum of this process's losses since the last line
+        self.count, self.first = 0, start  # steps in it, and the first of them
         self.since = time.perf_counter()
         if enabled:
             self._keep_up_to(start)
@@ -308,14 +313,34 @@ class TrainingLog:
                 kept.append(line + b"\n")
         atomic_write(self.path, lambda f: f.write(b"".join(kept)))
 
-    def step(self, completed: int, loss: float, lr: float) -> None:
-        self.losses.append(loss)
+    def add(self, loss: Tensor) -> None:
+        """One step's loss, summed on its device (float64: the sum a host loop would make)."""
+        loss = loss.detach().double()
+        self.total = loss if self.total is None else self.total + loss
+        self.count += 1
+
+    def read(self, completed: int) -> Optional[float]:
+        """The mean loss since the last line (over processes: every one calls it at the same
+        steps); raises if it is not finite. None when no step was added."""
+        if not self.count:
+            return None
+        total = self.total.item()  # the host read
+        if distributed.world_size() > 1:
+            total = distributed.all_reduce_sum(torch.tensor([total], dtype=torch.float64)).item() / distributed.world_size()
+        value = total / self.count
+        if not math.isfinite(value):
+            raise BenchError(f"training diverged between steps {self.first} and {completed} (mean loss {value}); "
+                             "lower the learning rate")
+        return value
+
+    def step(self, completed: int, lr: float) -> Optional[float]:
+        """After step ``completed``: a line when one is due; returns the mean loss it read, or None."""
         if completed % self.every:
-            return
+            return None
+        value = self.read(completed)
         now = time.perf_counter()
-        entry = {"step": completed, "loss": sum(self.losses) / len(self.losses), "lr": lr,
-                 "step_time_s": (now - self.since) / len(self.losses)}
-        self.losses, self.since = [], now
+        entry = {"step": completed, "loss": value, "lr": lr, "step_time_s": (now - self.since) / self.count}
+        self.total, self.count, self.first, self.since = None, 0, completed, now
         if self.enabled:
             try:  # the first line may come before the first checkpoint made the folder
                 self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -325,6 +350,7 @@ class TrainingLog:
                 raise BenchError(f"cannot write the training log {self.path}: {e.strerror or e}") from None
             if self.tensorboard is not None:
                 self.tensorboard.write(entry)
+        return value
 
 
 def default_loss(model, images: Tensor, labels: Tensor) -> Tensor:
@@ -451,20 +477,22 @@ def train(
             labels = labels.to(device, non_blocking=True)
             with autocast(cfg.precision, device):
                 loss = forward(images, labels)
-            value = loss.item()
-            if world > 1:  # the mean over processes: what is shown, and every rank stops together
-                value = distributed.all_reduce_sum(torch.tensor([value], dtype=torch.float64)).item() / world
-            if not math.isfinite(value):
-                raise BenchError(f"training diverged at step {step} (loss {value}); lower the learning rate")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             stepping = True
             optimizer.step()
             stepping, completed = False, step + 1
-            log.step(completed, value, learning_rate(cfg, step))
+            # the loss stays on the device: read (and checked) at a log line, before a
+            # checkpoint and at the end only, so steps queue without waiting on the host
+            log.add(loss)
+            value = log.step(completed, learning_rate(cfg, step))
+            saving = completed % checkpoint_every == 0 and completed < end
+            if value is None and (saving or completed == end):
+                value = log.read(completed)  # no checkpoint of diverged weights
             bar.update(1)
-            bar.set_postfix(loss=f"{value:.3f}", lr=f"{learning_rate(cfg, step):.2e}")
-            if completed % checkpoint_every == 0 and completed < end:
+            if value is not None:
+                bar.set_postfix(loss=f"{value:.3f}", lr=f"{learning_rate(cfg, step):.2e}")
+            if saving:
                 checkpoint(completed)
     except KeyboardInterrupt:
         if not stepping:  # weights are exactly those after `completed` steps
