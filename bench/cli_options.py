@@ -74,5 +74,9 @@ def execution_options(f):
     """What evaluation and timing forwards run in (`bench run`, `bench sweep`, `bench speed`)."""
     f = click.option("--compile", is_flag=True,
                      help="torch.compile the blocks and decoder for evaluation and timing")(f)
+    f = click.option("--compile-mode", type=click.Choice(["default", "reduce-overhead", "max-autotune"]),
+                     default="default", show_default=True,
+                     help="torch.compile's mode with --compile (timm's --torchcompile-mode); part of a record's "
+                          "identity unless default")(f)
     return click.option("--precision", type=click.Choice(["fp32", "tf32", "bf16", "fp16"]), default="fp32",
                         show_default=True, help="evaluation and timing (training: --train-precision); cpu: fp32 or bf16")(f)

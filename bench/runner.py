@@ -309,6 +309,7 @@ def run(opts: RunOptions) -> list[dict]:
             "schema_version": SCHEMA_VERSION,
             **point,  # identity: method, knobs, dataset, split, checkpoint and the settings
             "compile": opts.compile,
+            **({"compile_mode": opts.compile_mode} if opts.compile else {}),
             "baseline_checkpoint": base_payload.get("weights"),
             **({"baseline_source": base_payload["source"]} if "source" in base_payload else {}),
             "model": base_cfg.model,
