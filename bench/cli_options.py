@@ -27,6 +27,9 @@ def train_options(f):
         click.option("--seed", type=int, default=0, show_default=True),
         click.option("--train-precision", type=click.Choice(["fp32", "tf32", "bf16"]), default="fp32", show_default=True,
                      help="training: bf16 autocast (TF32 on CUDA) or tf32 (CUDA); part of a checkpoint's identity"),
+        click.option("--deterministic", is_flag=True,
+                     help="training uses deterministic algorithms only (CUDA: stops with a one-line error at an op "
+                          "that has none); recorded, outside a checkpoint's identity"),
         click.option("--checkpoints", default="checkpoints", show_default=True, help="checkpoint folder"),
         click.option("--quiet", is_flag=True, help="no progress bars"),
         click.option("--tensorboard", is_flag=True,

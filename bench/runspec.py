@@ -51,6 +51,7 @@ class RunOptions:
     compile_mode: str = "default"  # torch.compile's mode with ``compile`` (protocol.COMPILE_MODES)
     compile_backend: Optional[object] = None  # None: $BENCH_COMPILE_BACKEND or inductor (tests: a cheap one)
     tensorboard: bool = False  # training also writes TensorBoard events beside its JSONL log
+    deterministic: bool = False  # training: deterministic algorithms only (bench.train_precision)
 
 
 def get_method(name: str) -> MethodSpec:

@@ -44,7 +44,8 @@ from bench import distributed
 from bench.errors import BenchError
 from bench.fileio import atomic_write
 from bench.provenance import TensorBoardLog, full_config, write_config
-from bench.train_precision import autocast, check_train_precision, train_precision
+from bench.train_precision import (autocast, check_train_precision, deterministic_algorithms, nondeterministic_op,
+                                   train_precision)
 
 IGNORE_INDEX = 255
 # ViT/Segmenter normalisation (timm's augreg ViTs use mean = std = 0.5)
@@ -384,6 +385,7 @@ def train(
     log_every: int = 10,
     provenance: Optional[dict] = None,
     tensorboard: bool = False,
+    deterministic: bool = False,
 ) -> dict:
     """Train ``model`` (in place) to ``cfg.steps``, resuming from ``path`` if present.
 
@@ -394,6 +396,8 @@ def train(
     calls this with the same arguments (see the module notes); the payload they return
     is the same. ``provenance``: fields the checkpoint also stores (the training split's
     fingerprint, the thread count), outside its configuration and its hash.
+    ``deterministic``: deterministic algorithms only (``deterministic_algorithms``); the
+    checkpoint says so (``deterministic: true``), outside its hash too.
     """
     rank, world = distributed.rank(), distributed.world_size()
     check_train_precision(cfg.precision, device)
@@ -449,7 +453,8 @@ def train(
             return None
         payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
                    "config": {**cfg.to_dict(), "hash": cfg.hash()}, "done": step >= cfg.steps,
-                   "weights": weights_hash(model), "train_config": full_config(cfg), **(provenance or {})}
+                   "weights": weights_hash(model), "train_config": full_config(cfg), **(provenance or {}),
+                   **({"deterministic": True} if deterministic else {})}
         if rank == 0:
             save_checkpoint(path, payload)
             write_config(path, cfg)  # after the checkpoint: no config.json without its checkpoint
@@ -466,6 +471,7 @@ def train(
     log = TrainingLog(log_path(path), log_every, start, enabled=rank == 0, tensorboard=events)
     precision = contextlib.ExitStack()  # closed in the finally below
     precision.enter_context(train_precision(cfg.precision, device))
+    precision.enter_context(deterministic_algorithms(deterministic, device))
     try:
         for step, (images, labels) in zip(range(start, end), loader):
             # dropout / drop-path: per step, and per process when there are several
@@ -494,6 +500,11 @@ def train(
                 bar.set_postfix(loss=f"{value:.3f}", lr=f"{learning_rate(cfg, step):.2e}")
             if saving:
                 checkpoint(completed)
+    except RuntimeError as e:
+        refused = nondeterministic_op(e) if deterministic else None
+        if refused is None:
+            raise
+        raise refused from None
     except KeyboardInterrupt:
         if not stepping:  # weights are exactly those after `completed` steps
             checkpoint(completed)
