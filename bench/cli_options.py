@@ -27,6 +27,9 @@ def train_options(f):
         click.option("--seed", type=int, default=0, show_default=True),
         click.option("--train-precision", type=click.Choice(["fp32", "tf32", "bf16"]), default="fp32", show_default=True,
                      help="training: bf16 autocast (TF32 on CUDA) or tf32 (CUDA); part of a checkpoint's identity"),
+        click.option("--deterministic", is_flag=True,
+                     help="training uses deterministic algorithms only (CUDA: stops with a one-line error at an op "
+                          "that has none); recorded, outside a checkpoint's identity"),
         click.option("--checkpoints", default="checkpoints", show_default=True, help="checkpoint folder"),
         click.option("--quiet", is_flag=True, help="no progress bars"),
         click.option("--tensorboard", is_flag=True,
@@ -74,5 +77,9 @@ def execution_options(f):
     """What evaluation and timing forwards run in (`bench run`, `bench sweep`, `bench speed`)."""
     f = click.option("--compile", is_flag=True,
                      help="torch.compile the blocks and decoder for evaluation and timing")(f)
+    f = click.option("--compile-mode", type=click.Choice(["default", "reduce-overhead", "max-autotune"]),
+                     default="default", show_default=True,
+                     help="torch.compile's mode with --compile (timm's --torchcompile-mode); part of a record's "
+                          "identity unless default")(f)
     return click.option("--precision", type=click.Choice(["fp32", "tf32", "bf16", "fp16"]), default="fp32",
                         show_default=True, help="evaluation and timing (training: --train-precision); cpu: fp32 or bf16")(f)

@@ -208,7 +208,8 @@ def validate(opts: RunOptions, spec: Optional[datasets.DatasetSpec] = None, ops:
     check_seed(opts.seed)
     if opts.threads < 1 or opts.batch_size < 1:
         raise BenchError("--threads and --batch-size must be at least 1")
-    check_execution(opts.precision, opts.device, opts.compile, opts.compile_backend, probe=device_here)
+    check_execution(opts.precision, opts.device, opts.compile, opts.compile_backend, probe=device_here,
+                    compile_mode=opts.compile_mode)
     check_train_precision(opts.train_precision, opts.device)
     if opts.tensorboard:
         from bench.provenance import check_tensorboard

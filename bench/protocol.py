@@ -32,12 +32,16 @@ class EvalSettings:
     resize_short: Optional[int] = None  # resize the image to this short side first (ADE20K: 512)
     precision: str = "fp32"  # what the model's forwards compute in (``execution``)
     compile: bool = False  # torch.compile the blocks, their MLPs and the decoder (``execution``)
+    compile_mode: str = "default"  # torch.compile's mode with ``compile`` (COMPILE_MODES)
     compile_backend: Any = None  # None: $BENCH_COMPILE_BACKEND or "inductor"; tests pass a cheap one
 
 
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 COMPILE_BACKEND_ENV = "BENCH_COMPILE_BACKEND"
+# torch.compile's modes (as timm's --torchcompile-mode): reduce-overhead adds CUDA graphs,
+# max-autotune also benchmarks kernel choices while compiling
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 
 
 def compile_backend(backend=None):
@@ -52,9 +56,15 @@ def _compile_failure(e: Exception, backend) -> BenchError:
                       "run without --compile")
 
 
-def check_execution(precision: str, device: str, compile: bool = False, backend=None, probe: bool = True) -> None:
-    """The precision is known and supported on ``device``'s kind; with ``compile`` (and
-    ``probe``) the compiler works here: a one-line error before any work otherwise."""
+def check_execution(precision: str, device: str, compile: bool = False, backend=None, probe: bool = True,
+                    compile_mode: str = "default") -> None:
+    """The precision is known and supported on ``device``'s kind; a compile mode only with
+    ``compile``; with ``compile`` (and ``probe``) the compiler works here: a one-line error
+    before any work otherwise."""
+    if compile_mode not in COMPILE_MODES:
+        raise BenchError(f"--compile-mode {compile_mode!r}: expected one of {', '.join(COMPILE_MODES)}")
+    if compile_mode != "default" and not compile:
+        raise BenchError(f"--compile-mode {compile_mode} needs --compile (it is torch.compile's mode)")
     if precision not in PRECISIONS:
         raise BenchError(f"--precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
     kind = torch.device(device).type
@@ -63,12 +73,21 @@ def check_execution(precision: str, device: str, compile: bool = False, backend=
     if compile and probe:  # inductor on CPU needs a working C++ compiler: find out in seconds
         backend = compile_backend(backend)
         try:
-            torch.compile(lambda x: x * 2 + 1, backend=backend)(torch.ones(4, device=device))
+            torch.compile(lambda x: x * 2 + 1, backend=backend, mode=_mode(compile_mode))(torch.ones(4, device=device))
         except Exception as e:  # noqa: BLE001 - any compiler failure ends here, as one line
             raise _compile_failure(e, backend) from None
 
 
-# module -> {backend: its compiled forward}, made once so each graph compiles once
+def compile_identity(opts) -> dict:
+    """``compile`` and ``compile_mode`` as a record's identity holds them: nothing when not
+    compiled, the mode only when it is not the default (so stored identities still match)."""
+    if not opts.compile:
+        return {}
+    mode = getattr(opts, "compile_mode", "default")
+    return {"compile": True, **({"compile_mode": mode} if mode != "default" else {})}
+
+
+# module -> {(backend, mode): its compiled forward}, made once so each graph compiles once
 _COMPILED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
@@ -82,14 +101,19 @@ def _hot_modules(model) -> list:
     return blocks + mlps + ([model.decoder] if hasattr(model, "decoder") else [])
 
 
-def _compiled_forward(module, backend):
+def _mode(compile_mode: str):
+    return None if compile_mode == "default" else compile_mode  # None: torch.compile's default
+
+
+def _compiled_forward(module, backend, compile_mode: str = "default"):
     table = _COMPILED.setdefault(module, {})
-    if backend not in table:
+    key = (backend, compile_mode)
+    if key not in table:
         # dynamic=True: token counts (and batch sizes) are symbolic from the first
         # compilation, so a ragged batch with new row counts reuses the graph instead of
         # recompiling per batch (only 0/1-sized dims and mask/no-mask paths specialise)
-        table[backend] = torch.compile(module.forward, dynamic=True, backend=backend)
-    return table[backend]
+        table[key] = torch.compile(module.forward, dynamic=True, backend=backend, mode=_mode(compile_mode))
+    return table[key]
 
 
 @contextlib.contextmanager
@@ -97,7 +121,8 @@ def execution(model, settings: EvalSettings):
     """The one place precision and compilation apply, around a model's forward
     (``predict``: evaluation and timing alike). fp32: as is; tf32: TF32 matmuls and
     convolutions on CUDA, the flags restored after; bf16/fp16: ``torch.autocast``
-    (weights stay fp32); ``compile``: the hot modules (``_hot_modules``) run compiled."""
+    (weights stay fp32); ``compile``: the hot modules (``_hot_modules``) run compiled, in
+    torch.compile's ``compile_mode``."""
     p = settings.precision
     with contextlib.ExitStack() as stack:
         if p in AUTOCAST:
@@ -120,7 +145,7 @@ def execution(model, settings: EvalSettings):
         stack.enter_context(dynamo.config.patch(recompile_limit=64, fail_on_recompile_limit_hit=True))
         for module in _hot_modules(model):
             previous = module._compiled_call_impl  # what nn.Module.compile() sets; restored after
-            module._compiled_call_impl = _compiled_forward(module, backend)
+            module._compiled_call_impl = _compiled_forward(module, backend, settings.compile_mode)
             stack.callback(setattr, module, "_compiled_call_impl", previous)
         try:
             yield

@@ -30,7 +30,8 @@ from bench.fileio import atomic_write, locked
 SCHEMA_VERSION = 1
 IDENTITY_FIELDS = ("method", "knobs", "dataset", "split", "checkpoint")
 # What else moves the numbers; records older than a field lack it (absent from their identity)
-SETTING_FIELDS = ("images", "device", "precision", "batch_sizes", "eval", "compile", "data_fingerprint")
+SETTING_FIELDS = ("images", "device", "precision", "batch_sizes", "eval", "compile", "compile_mode",
+                  "data_fingerprint")
 # Settings a stored record may lack and still match any value: records made before the
 # evaluated split was fingerprinted stay valid (they are not re-measured)
 MATCH_ANY_FIELDS = ("data_fingerprint",)
@@ -64,6 +65,9 @@ def _setting(rec: dict, key: str):
         return str(rec["device"]).split(":")[0] if rec.get("device") else None
     if key == "compile":  # only a compiled run says so: uncompiled identities stay as they were
         return True if rec.get("compile") else None
+    if key == "compile_mode":  # likewise: only a compiled run in a mode other than the default
+        mode = rec.get("compile_mode")
+        return mode if rec.get("compile") and mode not in (None, "default") else None
     if key == "precision":  # an old "float32" record and a new fp32 one: the same measurement
         return record_precision(rec)
     return rec.get(key)

@@ -119,7 +119,7 @@ def train_checkpoint(opts: RunOptions, cfg: TrainConfig, model=None, **train_kwa
             return model.eval(), payload
         payload = train(model, dataset, cfg, path, device=device, progress=opts.progress,
                         provenance={k: v for k, v in provenance.items() if v is not None},
-                        tensorboard=opts.tensorboard, **train_kwargs)
+                        tensorboard=opts.tensorboard, deterministic=opts.deterministic, **train_kwargs)
     return model.eval(), payload
 
 
@@ -309,6 +309,7 @@ def run(opts: RunOptions) -> list[dict]:
             "schema_version": SCHEMA_VERSION,
             **point,  # identity: method, knobs, dataset, split, checkpoint and the settings
             "compile": opts.compile,
+            **({"compile_mode": opts.compile_mode} if opts.compile else {}),
             "baseline_checkpoint": base_payload.get("weights"),
             **({"baseline_source": base_payload["source"]} if "source" in base_payload else {}),
             "model": base_cfg.model,
@@ -330,7 +331,9 @@ def run(opts: RunOptions) -> list[dict]:
             "speed": speed,
             "parameters": parameter_count(trained),
             # CUDA training is not bit-identical (atomic adds in merges and upsampling's backward)
-            **({"deterministic": False} if opts.device.startswith("cuda") else {}),
+            # unless every checkpoint behind the record was trained with --deterministic
+            **({"deterministic": all(p.get("deterministic") is True for p in (payload, base_payload))}
+               if opts.device.startswith("cuda") else {}),
             "timing_images": len(timing),
             "seed": opts.seed,
             "train": {"steps": base_cfg.steps, "config_hash": payload["config"].get("hash"),

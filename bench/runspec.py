@@ -12,7 +12,7 @@ import torch
 
 from bench import datasets
 from bench.errors import BenchError
-from bench.protocol import EvalSettings
+from bench.protocol import EvalSettings, compile_identity
 from bench.train import TrainConfig, load_checkpoint
 from methods import METHODS, MethodSpec, all_methods
 from methods.segmenter import build_model, model_config
@@ -48,8 +48,10 @@ class RunOptions:
     precision: str = "fp32"  # evaluation and timing: fp32, tf32, bf16, fp16
     train_precision: str = "fp32"  # training (bench.train.train_precision): fp32, tf32, bf16
     compile: bool = False  # torch.compile the blocks and decoder for evaluation and timing
+    compile_mode: str = "default"  # torch.compile's mode with ``compile`` (protocol.COMPILE_MODES)
     compile_backend: Optional[object] = None  # None: $BENCH_COMPILE_BACKEND or inductor (tests: a cheap one)
     tensorboard: bool = False  # training also writes TensorBoard events beside its JSONL log
+    deterministic: bool = False  # training: deterministic algorithms only (bench.train_precision)
 
 
 def get_method(name: str) -> MethodSpec:
@@ -218,7 +220,8 @@ def _settings(spec: datasets.DatasetSpec, opts: RunOptions) -> EvalSettings:
         window, stride = native_window(opts.weights, opts.weights_format, opts.model or p.model,
                                        opts.decoder or p.decoder, window, stride)
     return EvalSettings(p.eval_mode, window, stride, opts.batch_size, opts.device, p.resize_short,
-                        precision=opts.precision, compile=opts.compile, compile_backend=opts.compile_backend)
+                        precision=opts.precision, compile=opts.compile, compile_backend=opts.compile_backend,
+                        compile_mode=opts.compile_mode)
 
 
 def eval_images(opts: RunOptions, val) -> int:
@@ -235,7 +238,7 @@ def point_identity(opts: RunOptions, spec, method: str, knobs: dict, checkpoint:
     settings = _settings(spec, opts)
     return {"method": method, "knobs": knobs, "dataset": spec.name, "split": spec.preset.val_split,
             "checkpoint": checkpoint, "images": images, "device": opts.device, "precision": opts.precision,
-            "batch_sizes": sorted({1, opts.batch_size}), **({"compile": True} if opts.compile else {}),
+            "batch_sizes": sorted({1, opts.batch_size}), **compile_identity(opts),
             **({"data_fingerprint": data_fingerprint} if data_fingerprint is not None else {}),
             "eval": {"mode": settings.mode, "window": settings.window, "stride": settings.stride, "scale": scale}}
 

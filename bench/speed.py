@@ -23,7 +23,7 @@ import torch
 from bench.errors import BenchError
 from bench.flops import FlopModel, PriceCache
 from bench.opcount import parameter_count
-from bench.protocol import EvalSettings, check_execution, predict
+from bench.protocol import EvalSettings, check_execution, compile_identity, predict
 from bench.results import SCHEMA_VERSION, ResultsStore, op_label
 from bench.timing import speed_entry, time_methods
 from methods import dtop, early_exit, paumer, tome
@@ -61,6 +61,7 @@ class SpeedOptions:
     results: str = "results"
     precision: str = "fp32"  # fp32, tf32, bf16, fp16 (protocol.execution)
     compile: bool = False
+    compile_mode: str = "default"  # torch.compile's mode with ``compile`` (protocol.COMPILE_MODES)
     compile_backend: Optional[object] = None  # None: $BENCH_COMPILE_BACKEND or inductor
 
 
@@ -164,7 +165,7 @@ def identity(opts: SpeedOptions, name: str, knobs: dict, decoder: str, checkpoin
     return {"method": name, "knobs": knobs, "dataset": DATASET, "split": "random", "checkpoint": checkpoint,
             "images": opts.timing_images, "device": opts.device, "precision": opts.precision,
             "batch_sizes": sorted(opts.batch_sizes),
-            **({"compile": True} if opts.compile else {}),
+            **compile_identity(opts),
             "eval": {"mode": "whole", "model": opts.model, "decoder": decoder, "size": opts.size,
                      "num_classes": opts.num_classes}}
 
@@ -208,7 +209,7 @@ def run_speed(opts: SpeedOptions) -> list[dict]:
 
     if opts.size < 1 or not opts.batch_sizes or min(opts.batch_sizes) < 1:
         raise BenchError("--size and --batch-size values must be at least 1")
-    check_execution(opts.precision, opts.device, opts.compile, opts.compile_backend)
+    check_execution(opts.precision, opts.device, opts.compile, opts.compile_backend, compile_mode=opts.compile_mode)
     torch.set_num_threads(opts.threads)
     torch.manual_seed(opts.seed)
     store = ResultsStore(opts.results)
@@ -240,7 +241,8 @@ def run_speed(opts: SpeedOptions) -> list[dict]:
     g = torch.Generator().manual_seed(opts.seed)
     images = torch.randint(0, 256, (opts.timing_images, 3, opts.size, opts.size), generator=g, dtype=torch.uint8)
     settings = EvalSettings("whole", batch_size=max(opts.batch_sizes), device=opts.device, precision=opts.precision,
-                            compile=opts.compile, compile_backend=opts.compile_backend)
+                            compile=opts.compile, compile_backend=opts.compile_backend,
+                            compile_mode=opts.compile_mode)
 
     flops = {}  # name -> (B,) per image, from one untimed pass at the largest batch
     tokens = {}
@@ -266,6 +268,7 @@ def run_speed(opts: SpeedOptions) -> list[dict]:
             "model": opts.model, "decoder": decoder, "size": opts.size,
             "schedule": policy.describe() if name in ("paumer", "early-exit", "dtop") else None,
             "compile": opts.compile,
+            **({"compile_mode": opts.compile_mode} if opts.compile else {}),
             "gflops": {"mean": g.mean().item(), "std": g.std(unbiased=False).item(),
                        "min": g.min().item(), "max": g.max().item()},
             "gflops_ratio": g.mean().item() / base, "baseline_gflops": base,

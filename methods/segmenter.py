@@ -281,8 +281,11 @@ class Segmenter(nn.Module):
         logits = logits.transpose(1, 2).reshape(B, self.num_classes, *grid)
         return F.interpolate(logits, size=out_size, mode="bilinear", align_corners=False)
 
-    def forward_state(self, images: Tensor, policy: Optional[Policy] = None) -> tuple[Tensor, TokenState]:
-        """Logits and the encoder's final state (compute trace, where tokens left)."""
+    def forward_state(self, images: Tensor, policy: Optional[Policy] = None,
+                      host_trace: bool = True) -> tuple[Tensor, TokenState]:
+        """Logits and the encoder's final state (compute trace, where tokens left).
+        ``host_trace`` False: the trace stays on the device, unread (no host copy: a
+        training forward, which never reads it)."""
         policy = policy or Policy()
         tokens, grid = self.embed(images)
         state = run_encoder(self.blocks, tokens, grid, policy, model=self, prefix=self.num_prefix_tokens)
@@ -309,11 +312,12 @@ class Segmenter(nn.Module):
                 logits = tokens.new_zeros(B, self.num_classes, *out_size)
             state.trace.decoded = decode
         logits = policy.finish(logits, state)
-        state.trace.to_host()  # the forward's one read of its compute trace
+        if host_trace:
+            state.trace.to_host()  # the forward's one read of its compute trace
         return logits, state
 
     def forward(self, images: Tensor, policy: Optional[Policy] = None) -> Tensor:
-        return self.forward_state(images, policy)[0]
+        return self.forward_state(images, policy, host_trace=False)[0]  # the trace is dropped: never read
 
 
 def _init_weights(m: nn.Module) -> None:
