@@ -161,6 +161,8 @@ def constant(key: tuple, device, make) -> Tensor:
     """``make()``, kept per (``key``, device) across forwards: index tensors that depend
     on shapes only, so that a forward dispatches no op to rebuild them. Inference-mode
     tensors are kept apart (they cannot be used outside inference mode)."""
+    if torch.jit.is_tracing():  # (fvcore's pricing) shapes are traced values there
+        return make()
     key = (key, str(device), torch.is_inference_mode_enabled())
     value = _CONSTANTS.get(key)
     if value is None:
@@ -280,7 +282,7 @@ class ToMePolicy(Policy):
         P = state.num_prefix
         # every block's token counts are known here: one table, kept between forwards, whose
         # rows the trace records (no counting op per block)
-        rows = counts + [counts[-1] - self.rs[-1]]
+        rows = [int(c) for c in counts + [counts[-1] - self.rs[-1]]]
         table = constant(("tome_counts", tuple(rows), P), state.x.device,
                          lambda: torch.tensor([rows, [c + P for c in rows]], device=state.x.device))
         # the forward's own state: the block rows with the prefix kept in them (no
