@@ -288,7 +288,8 @@ class ToMePolicy(Policy):
         # the forward's own state: the block rows with the prefix kept in them (no
         # concatenation per block), their sizes and every grid position's row, both
         # counting the prefix rows (row 0, a class token, never merges)
-        state.tome = {"table": table, "joined": None, "rows": None, "size": None, "source": state.source + P if P else state.source}
+        state.tome = {"table": table, "joined": None, "rows": None, "size": None,
+                      "source": state.source + P if P else state.source}
 
     def run_block(self, index: int, block, state: TokenState) -> None:
         r, own, P = self.rs[index], state.tome, state.num_prefix
