@@ -55,7 +55,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from methods.encoder import Policy, TokenState
+from methods.encoder import Policy, TokenState, known_counts, packed_index
+from methods.tome import arange, constant
 
 WINDOW = 2  # the reference's merging window, 2 x 2
 UNMERGE = ("before", "after")
@@ -100,8 +101,23 @@ def window_similarity(windows: Tensor) -> Tensor:
     k = windows.shape[-2]
     unit = F.normalize(windows, dim=-1)
     sims = unit @ unit.transpose(-1, -2)
-    off_diagonal = 1 - torch.eye(k, dtype=sims.dtype, device=sims.device)
+    off_diagonal = constant(("algm_off_diagonal", k, sims.dtype), sims.device,
+                            lambda: 1 - torch.eye(k, dtype=sims.dtype, device=sims.device))
     return (sims * off_diagonal).sum((-1, -2)) / (k * (k - 1))
+
+
+def _grid_windows(grid: tuple[int, int], device) -> tuple[Tensor, Optional[Tensor]]:
+    """Each grid position's window (N,) (0 outside the windows) and which positions are
+    inside one (None: all, an even grid); kept between forwards (``constant``)."""
+    def make():
+        gh, gw = grid
+        wh, ww = gh // WINDOW, gw // WINDOW
+        rows, cols = torch.arange(gh, device=device), torch.arange(gw, device=device)
+        inside = ((rows[:, None] < wh * WINDOW) & (cols[None, :] < ww * WINDOW)).reshape(-1)
+        window = ((rows[:, None] // WINDOW) * ww + cols[None, :] // WINDOW).reshape(-1)
+        return window.where(inside, 0), None if gh % WINDOW == 0 and gw % WINDOW == 0 else inside
+
+    return constant(("algm_windows", tuple(grid)), device, make)
 
 
 def local_merge_plan(x: Tensor, grid: tuple[int, int], threshold: float) -> tuple[Tensor, Tensor]:
@@ -110,22 +126,15 @@ def local_merge_plan(x: Tensor, grid: tuple[int, int], threshold: float) -> tupl
     each, most similar window first; the other tokens follow in grid order (the
     reference's order)."""
     B, N, _ = x.shape
-    gh, gw = grid
     sim = window_similarity(windows_of(x, grid))  # (B, W)
-    W = sim.shape[1]
     merged = sim >= threshold
     r = merged.sum(1)  # windows merged per image
     rank = sim.argsort(dim=1, descending=True, stable=True).argsort(1)  # 0 = most similar window
-    # grid position -> its window (or -1 outside the windows)
-    wh, ww = gh // WINDOW, gw // WINDOW
-    rows, cols = torch.arange(gh, device=x.device), torch.arange(gw, device=x.device)
-    inside = (rows[:, None] < wh * WINDOW) & (cols[None, :] < ww * WINDOW)
-    window = torch.where(inside, (rows[:, None] // WINDOW) * ww + cols[None, :] // WINDOW, -1).reshape(N)
-    token_merged = merged[:, window.clamp(min=0)] & (window >= 0)  # (B, N)
-    unmerged_rank = (~token_merged).long().cumsum(1) - 1
-    dest = torch.where(token_merged, rank[:, window.clamp(min=0)], r[:, None] + unmerged_rank)
-    assert W == wh * ww
-    return dest, N - (WINDOW**2 - 1) * r
+    window, inside = _grid_windows(grid, x.device)
+    token_merged = merged[:, window] if inside is None else merged[:, window] & inside  # (B, N)
+    # an unmerged token at position p is the (p - merged tokens up to p)-th unmerged one
+    dest = torch.where(token_merged, rank[:, window], (r[:, None] + arange(N, x.device)) - token_merged.cumsum(1))
+    return dest, torch.rsub(r, N, alpha=WINDOW**2 - 1)
 
 
 def local_merge_plan_reference(x: Tensor, grid: tuple[int, int], threshold: float) -> tuple[Tensor, Tensor]:
@@ -194,86 +203,126 @@ def global_merge_plan(x: Tensor, valid: Optional[Tensor], layer: int,
     a class token: it never merges, is left out of the statistics, and the unmerged A
     tokens keep their order, so it stays row 0 (the reference's ``class_token``)."""
     B, n, _ = x.shape
-    if valid is None:
-        valid = torch.ones(B, n, dtype=torch.bool, device=x.device)
-    a_valid, b_valid = valid[:, ::2], valid[:, 1::2]
-    scores = bipartite_scores(x).masked_fill(~b_valid[:, None, :], float("-inf"))
+    device = x.device
+    scores = bipartite_scores(x)
+    if valid is not None:
+        scores = scores.masked_fill(~valid[:, None, 1::2], float("-inf"))
     best, match = scores.max(-1)  # (B, |A|)
     if protect_cls:
-        best = best.clone()
-        best[:, 0] = float("-inf")
-    real = a_valid & (best > float("-inf"))  # A tokens that have some B token to merge into
-    if threshold is None:
-        count = real.sum(1, keepdim=True)
-        filled = torch.where(real, best, 0.0)
-        mean = filled.sum(1, keepdim=True) / count.clamp(min=1)
-        var = (torch.where(real, best - mean, 0.0) ** 2).sum(1, keepdim=True) / (count - 1).clamp(min=1)
-        # std is unbiased (torch's default in the reference); one A token: no merge
-        cut = torch.where(count > 1, mean + var.sqrt() / layer, float("inf"))
+        best[:, 0] = float("-inf")  # ``max``'s own output: no copy needed
+    n_a = best.shape[1]
+    # A tokens that have some B token to merge into (None: every one); with no padding
+    # they and their count are known from the shapes
+    if valid is None:
+        real = constant(("algm_real", n_a), device, lambda: torch.arange(n_a, device=device) > 0) \
+            if protect_cls else None
+        c = n_a - int(protect_cls)
+        # the divisors as tensors, as with padding (a scalar divisor may round differently)
+        den_mean, den_var = constant(("algm_count", c), device,
+                                     lambda: torch.tensor([[max(c, 1)], [max(c - 1, 1)]], device=device)[:, None])
+        several = c > 1
     else:
-        cut = torch.full((B, 1), float(threshold), dtype=best.dtype, device=x.device)
-    merges = real & (best >= cut)
+        real = valid[:, ::2] & (best > float("-inf"))
+        count = real.sum(1, keepdim=True)
+        den_mean, den_var, several = count.clamp(min=1), (count - 1).clamp(min=1), None
+    if threshold is None:
+        filled = best if real is None else torch.where(real, best, 0.0)
+        mean = filled.sum(1, keepdim=True) / den_mean
+        centred = best - mean if real is None else torch.where(real, best - mean, 0.0)
+        var = (centred**2).sum(1, keepdim=True) / den_var
+        # std is unbiased (torch's default in the reference); one A token: no merge
+        cut = mean + var.sqrt() / layer
+        if several is None:
+            cut = torch.where(count > 1, cut, float("inf"))
+        elif not several:
+            cut = torch.full_like(cut, float("inf"))
+    else:
+        cut = float(threshold)
+    # without padding, rows out of ``real`` (the class token) have -inf: they never merge
+    merges = best >= cut if valid is None else real & (best >= cut)
     r = merges.sum(1)
-    order_key = torch.where(a_valid, best, float("-inf"))
-    rank = order_key.argsort(dim=1, descending=True, stable=True).argsort(1)
-    kept_a = a_valid.sum(1) - r  # unmerged A tokens per image
-    dest = torch.full((B, n), n, dtype=torch.long, device=x.device)
-    kept_row = (a_valid & ~merges).long().cumsum(1) - 1 if protect_cls else rank - r[:, None]
-    dest[:, ::2] = torch.where(merges, kept_a[:, None] + match, kept_row)
-    dest[:, 1::2] = kept_a[:, None] + torch.arange(b_valid.shape[1], device=x.device)
-    dest = torch.where(valid, dest, n)
-    return dest, valid.sum(1) - r
+    kept_a = torch.rsub(r, n_a) if valid is None else valid[:, ::2].sum(1) - r  # unmerged A tokens per image
+    if protect_cls:  # unmerged A tokens keep their order: the one at p is the (p - merges up to p)-th
+        kept_row = arange(n_a, device) - merges.cumsum(1)
+    else:
+        order_key = best if valid is None else torch.where(valid[:, ::2], best, float("-inf"))
+        kept_row = order_key.argsort(dim=1, descending=True, stable=True).argsort(1) - r[:, None]
+    dest = torch.empty(B, n, dtype=torch.long, device=device)
+    torch.where(merges, kept_a[:, None] + match, kept_row, out=dest[:, ::2])
+    torch.add(arange(n // 2, device), kept_a[:, None], out=dest[:, 1::2])
+    if valid is None:
+        return dest, torch.rsub(r, n)
+    return torch.where(valid, dest, n), valid.sum(1) - r
 
 
 def merge_rows(x: Tensor, dest: Tensor, size: Optional[Tensor], valid: Optional[Tensor],
-               counts: Tensor) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+               counts: Tensor, host_counts: Optional[list] = None) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     """Rows of ``x`` (B, n, D) with the same ``dest`` become their size-weighted average;
-    image b keeps ``counts[b]`` rows, padded after. ``dest == n`` drops a row. Returns the
-    rows, their sizes (0 on padding) and ``valid`` (None when no image is padded)."""
+    image b keeps ``counts[b]`` rows, padded after (``host_counts``: the same on the host,
+    read here when not given). ``dest == n`` drops a row (padded rows have it, so
+    ``valid`` is not read). Returns the rows, their sizes (0 on padding) and ``valid``
+    (None when no image is padded)."""
     B, n, D = x.shape
-    n_out = int(counts.max())
+    if host_counts is None:
+        host_counts = counts.tolist()
+    n_out = max(host_counts)
+    # one scatter for the rows and their sizes (an extra channel); dropped rows land on
+    # the extra rows past n_out
     if size is None:
-        size = x.new_ones(B, n)
-    if valid is not None:
-        size = size * valid
-    dest = dest.clamp(max=n_out)  # dropped rows land on the extra row n_out
-    total = x.new_zeros(B, n_out + 1, D).scatter_add_(1, dest[..., None].expand(B, n, D), x * size[..., None])
-    new_size = size.new_zeros(B, n_out + 1).scatter_add_(1, dest, size)
-    total, new_size = total[:, :n_out], new_size[:, :n_out]
-    rows = torch.arange(n_out, device=x.device).expand(B, n_out)
-    new_valid = None if bool((counts == n_out).all()) else rows < counts[:, None].to(x.device)
-    return total / new_size.clamp(min=1)[..., None], new_size, new_valid
+        ones = constant(("algm_ones", B, n, x.dtype), x.device, lambda: x.new_ones(B, n, 1))
+        weighted = torch.cat([x, ones], -1)
+    else:
+        weighted = torch.cat([x * size[..., None], size[..., None]], -1)
+    total = x.new_zeros(B, n + 1, D + 1).scatter_add_(1, dest[..., None].expand(B, n, D + 1), weighted)
+    total = total[:, :n_out]
+    new_size = total[..., D]
+    new_valid = None if min(host_counts) == n_out else arange(n_out, x.device) < counts[:, None].to(x.device)
+    return total[..., :D] / total[..., D:].clamp(min=1), new_size, new_valid
 
 
-def attention_residual(block: nn.Module, x: Tensor, valid: Optional[Tensor], batching: str) -> Tensor:
+def _packed(state: TokenState) -> tuple[list, Tensor]:
+    """Host segments (prefix rows included) and ``packed_index`` of the joined rows of a
+    ragged batch, kept per active set as the encoder's packed blocks keep them."""
+    segments = [c + state.num_prefix for c in state.row_counts]
+    valid = state._cached("joined_valid", state.joined_valid)
+    return segments, state._cached("packed_index", lambda: packed_index(valid, sum(segments)))
+
+
+def attention_residual(block: nn.Module, x: Tensor, valid: Optional[Tensor], batching: str,
+                       packed: Optional[tuple] = None) -> Tensor:
     """The first half of timm's ``Block.forward``: x + attention(norm1(x)), on the real rows
-    (``valid``) by a key-padding mask ("pad") or image by image ("packed")."""
-    if valid is None or batching == "pad":
+    (``valid``) by a key-padding mask ("pad") or image by image ("packed": ``packed`` is
+    (host segments, packed index), as ``_packed``; read from ``valid`` when not given)."""
+    if valid is None or batching != "packed":
         mask = None if valid is None else valid[:, None, None, :]
         return x + block.drop_path1(block.ls1(block.attn(block.norm1(x), attn_mask=mask)))
     attn = block.attn  # packed: as methods.encoder.packed_block, attention half only
-    rows = x[valid]
-    T = rows.shape[0]
+    segments, index = packed if packed is not None else (valid.sum(1).tolist(), None)
+    T = sum(segments)
+    index = packed_index(valid, T) if index is None else index
+    B, n, D = x.shape
+    rows = x.reshape(B * n, D).index_select(0, index)
     qkv = attn.qkv(block.norm1(rows)).reshape(T, 3, attn.num_heads, attn.head_dim).permute(1, 2, 0, 3)
     q, k, v = qkv.unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
-    segments = valid.sum(1).tolist()
     out = torch.cat([F.scaled_dot_product_attention(qs, ks, vs)
                      for qs, ks, vs in zip(q.split(segments, 1), k.split(segments, 1), v.split(segments, 1))], 1)
     out = attn.proj(attn.norm(out.transpose(0, 1).reshape(T, attn.attn_dim)))
-    result = torch.zeros_like(x)
-    result[valid] = rows + block.drop_path1(block.ls1(out))
-    return result
+    rows = rows + block.drop_path1(block.ls1(out))
+    return x.new_zeros(B * n, D).index_copy_(0, index, rows).reshape(B, n, D)
 
 
-def mlp_residual(block: nn.Module, x: Tensor, valid: Optional[Tensor], batching: str) -> Tensor:
-    """The second half of timm's ``Block.forward``: x + mlp(norm2(x)), per row."""
-    if valid is None or batching == "pad":
+def mlp_residual(block: nn.Module, x: Tensor, valid: Optional[Tensor], batching: str,
+                 index: Optional[Tensor] = None) -> Tensor:
+    """The second half of timm's ``Block.forward``: x + mlp(norm2(x)), per row ("packed":
+    on the real rows only, ``index`` their ``packed_index``; read from ``valid`` when not given)."""
+    if valid is None or batching != "packed":
         return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
-    rows = x[valid]
-    result = torch.zeros_like(x)
-    result[valid] = rows + block.drop_path2(block.ls2(block.mlp(block.norm2(rows))))
-    return result
+    B, n, D = x.shape
+    index = packed_index(valid, int(valid.sum())) if index is None else index
+    rows = x.reshape(B * n, D).index_select(0, index)
+    rows = rows + block.drop_path2(block.ls2(block.mlp(block.norm2(rows))))
+    return x.new_zeros(B * n, D).index_copy_(0, index, rows).reshape(B, n, D)
 
 
 def _with_lead(valid: Optional[Tensor], lead: int) -> Optional[Tensor]:
@@ -314,15 +363,23 @@ class ALGMPolicy(Policy):
         layer = index + 1
         if layer not in self.layers:
             return super().run_block(index, block, state)
-        counts = state.counts()
-        x = attention_residual(block, state.joined(), state.joined_valid(), self.batching)
+        B, P = state.batch_size, state.num_prefix
+        if state.valid is not None and state.row_counts is None:  # not ours: read the rows once
+            state.row_counts = state.valid.sum(1).tolist()
+        before = state.row_counts if state.valid is not None else [state.x.shape[1]] * B  # host counts
+        block_counts = state.block_counts()  # before the merge, as the attention ran
+        packed = state.valid is not None and self.batching == "packed"
+        joined_valid = None if state.valid is None else state.key_mask()[:, 0, 0]
+        x = attention_residual(block, state.joined(), joined_valid, self.batching, _packed(state) if packed else None)
         local = layer == self.layers[0]
         reference = self.batching == "reference"
         # rows of x before the grid's: local merging sees the grid only, global matching the
         # class token too, as row 0, never merged (both as the reference); further prefix
         # rows (a distillation token) are held out of the matching and keep their rows
-        lead = 0 if local else min(state.num_prefix, 1)
+        lead = 0 if local else min(P, 1)
         held = None
+        decided = state.counts() if local else block_counts if lead == P else state.counts() + lead
+        lead_valid = state.valid if local else joined_valid if lead == P else _with_lead(state.valid, lead)
         if local:  # nothing merged before: rows are the grid, in order
             x = state.split(x)
             plan = local_merge_plan_reference if reference else local_merge_plan
@@ -330,28 +387,36 @@ class ALGMPolicy(Policy):
             gh, gw = state.grid
             decide = ("algm_local", (gh // WINDOW) * (gw // WINDOW))
         else:
-            if state.num_prefix > 1:
-                held, x = x[:, 1:state.num_prefix], torch.cat([x[:, :1], x[:, state.num_prefix:]], 1)
+            if P > 1:
+                held, x = x[:, 1:P], torch.cat([x[:, :1], x[:, P:]], 1)
             if reference:
                 dest, kept = global_merge_plan_reference(x, layer, self.global_threshold, protect_cls=lead > 0)
             else:
-                dest, kept = global_merge_plan(x, _with_lead(state.valid, lead), layer, self.global_threshold,
-                                               protect_cls=lead > 0)
+                dest, kept = global_merge_plan(x, lead_valid, layer, self.global_threshold, protect_cls=lead > 0)
             decide = ("algm_global",)
-        if bool((kept != counts.to(kept.device) + lead).any()):  # no merge anywhere: rows keep their order
+        host = kept.tolist()  # the layer's one host read: the rows each image keeps
+        merged = host != [c + lead for c in before]  # no merge anywhere: rows keep their order
+        if merged:
             size = state.size
             if size is not None and lead:
-                size = torch.cat([size.new_ones(size.shape[0], lead), size], 1)
-            valid = state.valid if local else _with_lead(state.valid, lead)
-            x, size, valid = merge_rows(x, dest, size, valid, kept)
+                ones = constant(("algm_ones", B, lead, size.dtype), size.device, lambda: size.new_ones(B, lead))
+                size = torch.cat([ones, size], 1)
+            x, size, valid = merge_rows(x, dest, size, lead_valid, kept, host)
             # ALGM parks nothing: every position has a row
-            state.source = dest.gather(1, state.source + lead) - lead
+            state.source = dest[:, lead:].gather(1, state.source) - lead if lead else dest.gather(1, state.source)
             state.size, state.valid = size[:, lead:], None if valid is None else valid[:, lead:]
+            state.row_counts = None if valid is None else [h - lead for h in host]
         if not local:
             x = state.split(x if held is None else torch.cat([x[:, :1], held, x[:, 1:]], 1))
-        state.x = state.split(mlp_residual(block, state.joined(x), state.joined_valid(), self.batching))
-        state.trace.add(("algm_attention",), state.block_counts(counts))
-        state.trace.add(decide, counts + lead)  # local: priced by its windows, whatever the count
+        state.x = x
+        if merged:  # the new active set's counts are the plan's
+            counts = kept - lead if lead else kept
+            known_counts(state, counts, kept if lead == P else counts + P if P else counts)
+        packed = state.valid is not None and self.batching == "packed"
+        index = _packed(state)[1] if packed else None
+        state.x = state.split(mlp_residual(block, state.joined(), state.valid, self.batching, index))
+        state.trace.add(("algm_attention",), block_counts)
+        state.trace.add(decide, decided)  # local: priced by its windows, whatever the count
         state.trace.add(("algm_mlp",), state.block_counts())
 
     def cost_probe(self, model, key: tuple, n: int):

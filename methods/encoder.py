@@ -358,3 +358,12 @@ def run_encoder(blocks, tokens: Tensor, grid: tuple[int, int], policy: Policy, m
             policy.run_block(i, block, state)
         policy.after_block(i, block, state)
     return state
+
+
+def known_counts(state: TokenState, counts: Tensor, block_counts: Tensor) -> None:
+    """Hand ``state`` the real rows per image of its current active set, (B,), and the
+    block counts (with the prefix), where a policy knows them already (ToMe's fixed
+    merges), so that ``counts`` and ``block_counts`` dispatch no op for it."""
+    key = (state.valid, state.x.shape[1], state.num_prefix)
+    state._cache["counts"] = (key, counts)
+    state._cache["block_counts"] = (key, block_counts)

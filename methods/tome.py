@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from methods.encoder import Policy, TokenState
+from methods.encoder import Policy, TokenState, known_counts
 
 SCHEDULES = ("constant", "decreasing")
 UNMERGE = ("before", "after")
@@ -133,20 +133,48 @@ def bipartite_soft_matching(metric: Tensor, r: int, protect_cls: Union[bool, int
         dest = bipartite_soft_matching(torch.cat([metric[:, :1], metric[:, 1 + held:]], 1), r, True)
         rows = torch.arange(1, 1 + held, device=metric.device).expand(B, held)
         return torch.cat([dest[:, :1], rows, dest[:, 1:] + held], 1)
-    metric = F.normalize(metric, dim=-1)
+    metric = metric / metric.norm(dim=-1, keepdim=True)  # as ToMe (F.normalize's clamp: one op more)
     a, b = metric[:, ::2], metric[:, 1::2]
     best, match = (a @ b.transpose(1, 2)).max(-1)  # (B, |A|): each A token's best B token
     if protect_cls:
-        best = best.clone()
-        best[:, 0] = float("-inf")
-    rank = best.argsort(-1, descending=True).argsort(-1)  # 0 = most similar A token
+        best[:, 0] = float("-inf")  # ``max``'s own output: no copy needed
+    order = best.argsort(-1, descending=True)  # most similar A token first
     kept = a.shape[1] - r  # A tokens that stay
-    merged = rank < r
-    kept_row = (~merged).long().cumsum(-1) - 1 if protect_cls else rank - r
-    dest = torch.empty(B, n, dtype=torch.long, device=metric.device)
-    dest[:, ::2] = torch.where(merged, kept + match, kept_row)
-    dest[:, 1::2] = kept + torch.arange(b.shape[1], device=metric.device)
+    # B rows go to kept + j (a cached template), merged A rows to kept + their match, then
+    # the unmerged A rows are overwritten with their rows: by similarity, or (class
+    # token) in their order
+    dest = constant(("tome_dest", B, n, kept), metric.device,
+                    lambda: torch.zeros(B, n, dtype=torch.long, device=metric.device).index_copy_(
+                        1, torch.arange(1, n, 2, device=metric.device),
+                        kept + torch.arange(n // 2, device=metric.device).expand(B, -1))).clone()
+    dest_a = dest[:, ::2]
+    torch.add(match, kept, out=dest_a)
+    stay = order[:, r:].sort(-1).values if protect_cls else order[:, r:]
+    dest_a.scatter_(1, stay, arange(kept, metric.device).expand(B, -1))
     return dest
+
+
+_CONSTANTS: dict = {}
+
+
+def constant(key: tuple, device, make) -> Tensor:
+    """``make()``, kept per (``key``, device) across forwards: index tensors that depend
+    on shapes only, so that a forward dispatches no op to rebuild them. Inference-mode
+    tensors are kept apart (they cannot be used outside inference mode)."""
+    if torch.jit.is_tracing():  # (fvcore's pricing) shapes are traced values there
+        return make()
+    key = (key, str(device), torch.is_inference_mode_enabled())
+    value = _CONSTANTS.get(key)
+    if value is None:
+        if len(_CONSTANTS) > 512:  # shapes of a long sweep: start again
+            _CONSTANTS.clear()
+        value = _CONSTANTS[key] = make()
+    return value
+
+
+def arange(n: int, device) -> Tensor:
+    """``torch.arange(n)``, kept (``constant``)."""
+    return constant(("arange", n), device, lambda: torch.arange(n, device=device))
 
 
 def merge_wavg(x: Tensor, dest: Tensor, size: Optional[Tensor], n_out: int) -> tuple[Tensor, Tensor]:
@@ -156,11 +184,16 @@ def merge_wavg(x: Tensor, dest: Tensor, size: Optional[Tensor], n_out: int) -> t
     merged rows (B, n_out, D) and their sizes (B, n_out), the sums of the merged sizes.
     """
     B, n, D = x.shape
+    # one scatter for the rows and their sizes: the size is an extra channel (the sums
+    # are the same, in the same order, as two scatters')
     if size is None:
-        size = x.new_ones(B, n)
-    total = x.new_zeros(B, n_out, D).scatter_add_(1, dest[..., None].expand(B, n, D), x * size[..., None])
-    new_size = size.new_zeros(B, n_out).scatter_add_(1, dest, size)
-    return total / new_size[..., None], new_size
+        ones = constant(("tome_ones", B, n, x.dtype), x.device, lambda: x.new_ones(B, n, 1))
+        weighted = torch.cat([x, ones], -1)
+    else:
+        weighted = torch.cat([x * size[..., None], size[..., None]], -1)
+    total = x.new_zeros(B, n_out, D + 1).scatter_add_(1, dest[..., None].expand(B, n, D + 1), weighted)
+    new_size = total[..., D]
+    return total[..., :D] / new_size[..., None], new_size
 
 
 def proportional_attention(q: Tensor, k: Tensor, v: Tensor, size: Optional[Tensor],
@@ -244,21 +277,37 @@ class ToMePolicy(Policy):
     def start(self, model, state: TokenState) -> None:
         if state.valid is not None:
             raise ValueError("tome needs every image of a batch to have the same tokens")
-        tokens_per_block(state.x.shape[1], self.rs)  # refuse an r too large for this image
+        B, N = state.source.shape
+        counts = tokens_per_block(N, self.rs)  # refuse an r too large for this image
+        P = state.num_prefix
+        # every block's token counts are known here: one table, kept between forwards, whose
+        # rows the trace records (no counting op per block)
+        rows = [int(c) for c in counts + [counts[-1] - self.rs[-1]]]
+        table = constant(("tome_counts", tuple(rows), P), state.x.device,
+                         lambda: torch.tensor([rows, [c + P for c in rows]], device=state.x.device))
+        # the forward's own state: the block rows with the prefix kept in them (no
+        # concatenation per block), their sizes and every grid position's row, both
+        # counting the prefix rows (row 0, a class token, never merges)
+        state.tome = {"table": table, "joined": None, "rows": None, "size": None,
+                      "source": state.source + P if P else state.source}
 
     def run_block(self, index: int, block, state: TokenState) -> None:
-        r = self.rs[index]
-        counts = state.block_counts()  # the class token is computed, so priced
-        P = state.num_prefix  # the block runs on [class (, distillation) token, grid rows]
-        size = state.size
-        if size is not None and P:
-            size = torch.cat([size.new_ones(size.shape[0], P), size], 1)
-        x, size, dest = tome_block(block, state.joined(), size, r, self.prop_attn, protect_cls=P)
-        state.x = state.split(x)
+        r, own, P = self.rs[index], state.tome, state.num_prefix
+        B = state.batch_size
+        counts = own["table"][1, index].expand(B)  # block_counts: the class token is computed, so priced
+        joined = own["joined"]
+        if joined is None or state.x is not own["rows"]:  # (the rows are views of it)
+            joined = state.joined()
+        x, size, dest = tome_block(block, joined, own["size"], r, self.prop_attn, protect_cls=P)
+        own["joined"], own["size"] = x, size
+        state.x, state.prefix = x[:, P:], (x[:, :P] if P else None)
+        own["rows"] = state.x
         state.size = size[:, P:] if size is not None else None
         if dest is not None:  # every grid position follows its row to the merged row
-            source = state.source
-            state.source = torch.where(source >= 0, dest.gather(1, source.clamp(min=0) + P) - P, -1)
+            own["source"] = dest.gather(1, own["source"])
+            known_counts(state, own["table"][0, index + 1].expand(B), own["table"][1, index + 1].expand(B))
+        if index == len(self.rs) - 1:
+            state.source = own["source"] - P if P else own["source"]
         state.trace.add(("tome_block", r), counts)
 
     def cost_probe(self, model, key: tuple, n: int):

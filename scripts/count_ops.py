@@ -7,6 +7,7 @@ kernel budget (``bench.opcount``).
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 from pathlib import Path
 
@@ -36,6 +37,13 @@ def main() -> None:
     opts = SpeedOptions(model=args.model, size=args.size, methods=args.methods.split(","),
                         batching=args.batching.split(","))
     runs = build_runs(opts, model)
+    for label, (name, m, policy, scale, knobs) in list(runs.items()):  # ALGM's sweep runs "pad": the others too
+        if name == "algm":
+            for batching in opts.batching:
+                if batching != policy.batching:
+                    other = copy.copy(policy)
+                    other.batching = batching
+                    runs[f"{label} batching={batching}"] = (name, m, other, scale, {**knobs, "batching": batching})
     x = torch.randint(0, 256, (args.batch_size, 3, args.size, args.size), generator=torch.Generator().manual_seed(0),
                       dtype=torch.uint8)
     settings = EvalSettings(batch_size=args.batch_size, precision=args.precision)

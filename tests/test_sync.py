@@ -87,3 +87,46 @@ def test_image_early_exit_reads_the_host_once_per_exit_layer(small_model, host_r
     # at most one per exit decision (none once every image has exited): which images to
     # decode is known from those reads, no mask is read for it
     assert set(reads) <= {"tolist"} and 1 <= len(reads) <= 2
+
+
+def _textured(n, size, seed=3):
+    """Flat colour blocks with more or less noise per image: merges differ between images."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(seed)
+    flat = F.interpolate(torch.randn(n, 3, size // 8, size // 8, generator=g), size=(size, size), mode="nearest")
+    noise = torch.linspace(0.0, 2.0, n)[:, None, None, None]
+    return flat + noise * torch.randn(n, 3, size, size, generator=g)
+
+
+@pytest.mark.parametrize("batching", ["pad", "packed", "reference"])
+@pytest.mark.parametrize("class_token", [False, True])
+def test_an_algm_forward_reads_the_host_once_per_merging_layer(host_reads, batching, class_token):
+    from methods.algm import ALGMPolicy
+    from methods.segmenter import build_model
+
+    model = build_model(5, "tiny", depth=4, embed_dim=64, num_heads=2, img_size=32, class_token=class_token).eval()
+    policy = ALGMPolicy(model.depth, threshold=0.0, batching=batching)
+    with torch.inference_mode():
+        host_reads.clear()
+        _, state = model.forward_state(_textured(4, 64), policy)
+        reads = list(host_reads)
+    counts = state.trace.tokens
+    assert (counts[:, -1] < counts[:, 0]).all()  # every image merged
+    if batching != "reference":  # a ragged batch from the local merge on: padded / packed blocks ran
+        assert (counts[:, 1] != counts[:1, 1]).any() and (counts[:, -1] != counts[:1, -1]).any()
+    assert reads == ["tolist"] * len(policy.layers)  # the rows each image keeps, once per merging layer
+
+
+@pytest.mark.parametrize("class_token", [False, True])
+def test_a_tome_forward_never_reads_the_host(host_reads, class_token):
+    from methods.segmenter import build_model
+    from methods.tome import ToMePolicy
+
+    model = build_model(5, "tiny", depth=4, embed_dim=64, num_heads=2, img_size=32, class_token=class_token).eval()
+    with torch.inference_mode():
+        host_reads.clear()
+        _, state = model.forward_state(_textured(3, 64), ToMePolicy(model.depth, r=6))
+        reads = list(host_reads)
+    assert state.trace.tokens[0].tolist() == [64, 58, 52, 46]
+    assert reads == []
