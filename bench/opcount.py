@@ -85,17 +85,20 @@ def count_host_reads():
             return original(self, index, *rest)
         return wrapper
 
-    for name in HOST_READS:
-        saved[name] = getattr(torch.Tensor, name)
-        setattr(torch.Tensor, name, counting(name, saved[name]))
-    for name in ("__getitem__", "__setitem__"):
-        saved[name] = getattr(torch.Tensor, name)
-        setattr(torch.Tensor, name, masked(name, saved[name]))
+    for wrap, names in ((counting, HOST_READS), (masked, ("__getitem__", "__setitem__"))):
+        for name in names:
+            saved[name] = torch.Tensor.__dict__.get(name)  # None: inherited from the C base class
+            setattr(torch.Tensor, name, wrap(name, getattr(torch.Tensor, name)))
     try:
         yield reads
     finally:
+        # as it was: an inherited method is deleted again, not pinned on torch.Tensor (a
+        # pinned C slot changes how the JIT tracer, fvcore's, sees indexing and ints)
         for name, original in saved.items():
-            setattr(torch.Tensor, name, original)
+            if original is None:
+                delattr(torch.Tensor, name)
+            else:
+                setattr(torch.Tensor, name, original)
 
 
 def forward_counts(forward, device) -> dict:

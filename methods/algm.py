@@ -56,6 +56,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from methods.encoder import Policy, TokenState, known_counts, packed_index
+from methods.ragged import segment_attention
 from methods.tome import arange, constant
 
 WINDOW = 2  # the reference's merging window, 2 x 2
@@ -216,7 +217,7 @@ def global_merge_plan(x: Tensor, valid: Optional[Tensor], layer: int,
     if valid is None:
         real = constant(("algm_real", n_a), device, lambda: torch.arange(n_a, device=device) > 0) \
             if protect_cls else None
-        c = n_a - int(protect_cls)
+        c = int(n_a) - int(protect_cls)  # int(): the JIT tracer (fvcore) may hand shapes over as tensors
         # the divisors as tensors, as with padding (a scalar divisor may round differently)
         den_mean, den_var = constant(("algm_count", c), device,
                                      lambda: torch.tensor([[max(c, 1)], [max(c - 1, 1)]], device=device)[:, None])
@@ -305,8 +306,7 @@ def attention_residual(block: nn.Module, x: Tensor, valid: Optional[Tensor], bat
     qkv = attn.qkv(block.norm1(rows)).reshape(T, 3, attn.num_heads, attn.head_dim).permute(1, 2, 0, 3)
     q, k, v = qkv.unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
-    out = torch.cat([F.scaled_dot_product_attention(qs, ks, vs)
-                     for qs, ks, vs in zip(q.split(segments, 1), k.split(segments, 1), v.split(segments, 1))], 1)
+    out = segment_attention(q, k, v, segments)  # (heads, T, head_dim): one fused call on CUDA
     out = attn.proj(attn.norm(out.transpose(0, 1).reshape(T, attn.attn_dim)))
     rows = rows + block.drop_path1(block.ls1(out))
     return x.new_zeros(B * n, D).index_copy_(0, index, rows).reshape(B, n, D)

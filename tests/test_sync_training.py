@@ -96,8 +96,6 @@ def test_a_training_step_reads_the_host_at_most_once(name, toy_dataset, monkeypa
     budget = LOSS_READS.get(name, 0)
     for step, count in enumerate(reads.steps, 1):
         loop = 1 if step % LOG_EVERY == 0 or step == STEPS else 0  # the summed loss, at a line / the end
-        if name == "algm-ft" and count > budget + loop:
-            pytest.xfail("ALGM's merging layers read more than once each (being fixed on ALGM's inference path)")
         assert count <= budget + loop, (step, reads.steps)
     if name not in LOSS_READS:
         assert max(reads.steps) <= 1  # the target: one read per step at most
@@ -159,8 +157,6 @@ def test_an_inference_forward_reads_the_host_at_most_once_per_decision_layer(nam
     segmenter = getattr(model, "segmenter", model)
     with torch.inference_mode(), count_host_reads() as reads:
         segmenter.forward_state(x, policy)
-    if name.startswith("algm") and len(reads) > layers:
-        pytest.xfail("ALGM reads more than once per merging layer (being fixed on ALGM's inference path)")
     assert len(reads) <= layers, reads
     if layers == 0:
         assert reads == []
