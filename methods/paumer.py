@@ -14,7 +14,7 @@ Scores (``criterion``), each in [0, 1], low = confident:
   schedule    forced selection for timing untrained models (``bench speed``): after
               each pausing layer a declared fraction of the grid stays active
               (``stay``, one per layer), spread image to image by +-``spread``; the
-              lowest-entropy tokens pause (``scheduled_selection``)
+              lowest-entropy tokens pause (``scheduled_order``: one sort)
 
 A class token (``ModelConfig.class_token``) never pauses: it is not a grid row, no head
 scores it, and it runs through every block (``methods.encoder``).
