@@ -183,7 +183,7 @@ def _forward(model, policy, x: Tensor, flop_model, keep_maps: bool, settings: Ev
     logits = logits.float()
     flops = flop_model.image_flops(state.trace, tuple(x.shape[-2:])) if flop_model is not None else None
     tokens = state.trace.tokens
-    full = torch.full((x.shape[0],), state.source.shape[1], dtype=torch.long)
+    full = torch.full((x.shape[0],), state.grid_tokens, dtype=torch.long)
     maps = state.left_at.reshape(x.shape[0], *state.grid).cpu() if keep_maps else None
     return logits, flops, tokens, full, maps
 

@@ -149,12 +149,12 @@ class DToPPolicy(Policy):
         return {"threshold": self.threshold, "layers": self.layers, "top_k": self.top_k}
 
     def start(self, model, state: TokenState) -> None:
-        B, N, _ = state.x.shape
-        self.model, self.outputs, self.presence = model, [], None
-        self.canvas = state.x.new_zeros(B, N, model.num_classes)
-        self.pruned = torch.zeros(B, N, dtype=torch.bool, device=state.x.device)
+        B, N = state.batch_size, state.grid_tokens
+        self.model, self.outputs, self.presence, self._canvas = model, [], None, None
+        self.pruned = torch.zeros(B, N, dtype=torch.bool, device=state.device)  # inference: set at the last block
+        self.canvas = state.x.new_zeros(B, N, model.num_classes) if self.simulate else None
         if self.simulate:
-            self.active = torch.ones(B, N, dtype=torch.bool, device=state.x.device)
+            self.active = torch.ones(B, N, dtype=torch.bool, device=state.device)
 
     def run_block(self, index: int, block, state: TokenState) -> None:
         if not self.simulate:
@@ -163,9 +163,8 @@ class DToPPolicy(Policy):
 
     def _paint_canvas(self, masks: Tensor, state: TokenState) -> None:
         """Mask logits of the active rows (B, n, C) onto their grid positions."""
-        rows = state.source.clamp(min=0)
-        at_grid = masks.gather(1, rows[..., None].expand(-1, -1, masks.shape[-1]))
-        self.canvas = torch.where((state.source >= 0)[..., None], at_grid, self.canvas)
+        self._canvas = state.at_grid(masks, self._canvas)
+        self.canvas = state.grid_view(self._canvas)
 
     def after_block(self, index: int, block, state: TokenState) -> None:
         last = index + 1 == len(state.trace.tokens[0])
@@ -176,6 +175,8 @@ class DToPPolicy(Policy):
             return  # nothing was pruned: the decoder labels every pixel, the final head is not needed
         valid = self.active if self.simulate else state.valid
         class_logits, masks = head(state.x, valid)
+        if last and not self.simulate:
+            self.pruned = state.left_mask()
         counts = self.active.sum(1) if self.simulate else state.counts()
         # the final head is priced for the images it finishes (those with a pruned token)
         state.trace.add(("dtop-head",), counts * self.pruned.any(1) if last else counts)
@@ -195,8 +196,6 @@ class DToPPolicy(Policy):
             self.pruned |= prune
             self.active = self.active & ~prune
             return
-        rows = state.source.clamp(min=0)
-        self.pruned |= prune.gather(1, rows) & (state.source >= 0)
         state.keep(~prune, layer=index + 1)  # its one host read; unchanged when none is pruned
 
     def _decide(self, scores: Tensor, candidates: Optional[Tensor], state: TokenState, layer: int) -> Tensor:
@@ -206,12 +205,12 @@ class DToPPolicy(Policy):
         everything = prune_decision(scores, -1.0, 0, candidates)
         free = prune_decision(scores, -1.0, self.top_k, candidates)
         stay = self.stay[self.layers.index(layer)]
-        return scheduled_selection(-scores.max(-1)[0], free, stay, state.source.shape[1], self.spread) & everything
+        return scheduled_selection(-scores.max(-1)[0], free, stay, state.grid_tokens, self.spread) & everything
 
     def decodes(self, state: TokenState) -> Optional[Tensor]:
         # with a token pruned the decoder must not see it: ``finish`` decodes the active rows
         if self.simulate or state.any_left:
-            return torch.zeros(state.batch_size, dtype=torch.bool, device=state.x.device)
+            return torch.zeros(state.batch_size, dtype=torch.bool, device=state.device)
         return None
 
     def decoded_images(self, state: TokenState, decode: Tensor) -> list[int]:
@@ -221,14 +220,11 @@ class DToPPolicy(Policy):
         if not (self.simulate or state.any_left):
             return logits
         model, out_size = self.model, logits.shape[-2:]
-        if self.simulate:  # rows still in grid order; pruned ones hidden from the decoder
-            source = torch.arange(state.x.shape[1], device=state.x.device).expand_as(state.source)
-            valid = self.active
-        else:
-            source, valid = state.source.clamp(min=0), state.valid
+        # simulate: rows still in grid order, pruned ones hidden from the decoder
+        valid = self.active if self.simulate else state.valid
         # Segmenter.decode_rows, split to keep the per-patch logits: the decoder on the active rows
         rows = model.decoder(model.norm(state.x), None, valid)
-        patch_logits = rows.gather(1, source[..., None].expand(-1, -1, rows.shape[-1]))
+        patch_logits = rows if self.simulate else state.grid_view(state.at_grid(rows))
         B = patch_logits.shape[0]
         logits = F.interpolate(patch_logits.transpose(1, 2).reshape(B, -1, *state.grid), size=out_size,
                                mode="bilinear", align_corners=False)

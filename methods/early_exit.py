@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from methods.encoder import Policy, TokenState, check_batching
-from methods.paumer import HeadScore, PausingHeads, SegmenterWithHeads, patch_labels, scheduled_selection
+from methods.paumer import HeadScore, PausingHeads, SegmenterWithHeads, patch_labels, scheduled_order
 
 MODES = ("token", "image")
 UPSAMPLE = {"token": "nearest", "image": "bilinear"}
@@ -91,47 +91,56 @@ class EarlyExitPolicy(Policy):
         self.stay, self.spread = (None if stay is None else [float(v) for v in stay]), float(spread)
         if self.stay is not None and (mode != "token" or len(self.stay) != len(heads.layers)):
             raise ValueError(f"stay needs token mode and one fraction per exit layer {heads.layers}")
-        # per forward, set in `start`: where each grid position exited, with what logits
+        # per forward, set in `finish`: where each grid position exited, with what logits
         self.exited: Optional[Tensor] = None  # (B, N) bool
         self.head_logits: Optional[Tensor] = None  # (B, N, C) the exit head's, at exited positions
-        self.exit_layer: Optional[Tensor] = None  # (B,) image mode: layer each image exited at (depth: never)
+        self._exit_layer: Optional[Tensor] = None  # ``exit_layer``
+        self._batch: Optional[tuple] = None  # (B, depth, device) of the last forward
+        self._grid_logits: Optional[Tensor] = None  # ``TokenState.at_grid`` buffer of the heads' logits
 
     def describe(self) -> dict:
         if self.stay is not None:
             return {"stay": self.stay, "spread": self.spread, "mode": self.mode, "layers": self.heads.layers}
         return {"threshold": self.threshold, "mode": self.mode, "layers": self.heads.layers}
 
+    @property
+    def exit_layer(self) -> Optional[Tensor]:
+        """(B,) image mode: the layer each image exited at (depth: never); token mode: depth."""
+        if self._exit_layer is None and self._batch is not None:  # token mode: made when read
+            B, depth, device = self._batch
+            self._exit_layer = torch.full((B,), depth, dtype=torch.long, device=device)
+        return self._exit_layer
+
     def start(self, model, state: TokenState) -> None:
-        B, N, _ = state.x.shape
-        self.exited = torch.zeros(B, N, dtype=torch.bool, device=state.x.device)
-        self.head_logits = state.x.new_zeros(B, N, model.num_classes)
-        self.exit_layer = torch.full((B,), model.depth, dtype=torch.long, device=state.x.device)
+        self.exited = self.head_logits = self._grid_logits = self._exit_layer = None
+        self._batch = (state.batch_size, model.depth, state.device)
+        if self.mode == "image":
+            self.exit_layer  # made now: the decisions write it
 
     def after_block(self, index: int, block, state: TokenState) -> None:
         head = self.heads.head_at(index + 1)
-        if head is None or state.x.shape[1] == 0:
+        if head is None or state.n == 0:
             return
         logits = head(state.x)
         state.trace.add(("head",), state.counts())
-        conf = confidence(logits)
-        valid = state.valid if state.valid is not None else torch.ones_like(conf, dtype=torch.bool)
-        if self.stay is not None:
+        # every active row's logits at its grid position: an exited token's are those of
+        # the head it exited at (later heads no longer see it)
+        self._grid_logits = state.at_grid(logits, self._grid_logits)
+        if self.stay is not None:  # the least confident stay: ascending max log-probability
             stay = self.stay[self.heads.layers.index(index + 1)]
-            leave = scheduled_selection(-conf, state.valid, stay, state.source.shape[1], self.spread,
-                                        active=state.counts())
-        elif self.mode == "token":
-            leave = (conf > self.threshold) & valid
+            order, kept = scheduled_order(state, F.log_softmax(logits, dim=-1).amax(-1), stay, self.spread)
+            state.keep_first(order, kept, layer=index + 1)
+            return
+        conf = confidence(logits)
+        if self.mode == "token":
+            leave = conf > self.threshold
+            leave = leave if state.valid is None else leave & state.valid
         else:
+            valid = state.valid if state.valid is not None else torch.ones_like(conf, dtype=torch.bool)
             mean = (conf * valid).sum(1) / valid.sum(1).clamp(min=1)
             gone = valid.any(1) & (mean > self.threshold)
             self.exit_layer.masked_fill_(gone & (self.exit_layer == state.trace.depth), index + 1)
             leave = gone[:, None] & valid
-        # row -> grid position: which positions leave, and their head logits
-        rows = state.source.clamp(min=0)
-        at_grid = leave.gather(1, rows) & (state.source >= 0)
-        grid_logits = logits.gather(1, rows[..., None].expand(-1, -1, logits.shape[-1]))
-        self.head_logits = torch.where(at_grid[..., None], grid_logits, self.head_logits)
-        self.exited |= at_grid
         state.keep(~leave, layer=index + 1)
 
     def decodes(self, state: TokenState) -> Optional[Tensor]:
@@ -140,7 +149,7 @@ class EarlyExitPolicy(Policy):
     def decoded_images(self, state: TokenState, decode: Tensor) -> list[int]:
         """Image mode: an image is decoded unless it exited, and an exited image has no
         active row left, so the host row counts ``keep`` already read say which (no sync)."""
-        B, n = state.x.shape[:2]
+        B, n = state.batch_size, state.n
         if n == 0:
             return []
         if state.row_counts is None:  # every image keeps the same (non-zero) count
@@ -148,12 +157,16 @@ class EarlyExitPolicy(Policy):
         return [b for b, count in enumerate(state.row_counts) if count > 0]
 
     def finish(self, logits: Tensor, state: TokenState) -> Tensor:
-        if not state.any_left:  # host flag set by `keep`: exited tokens are the ones that left
-            return logits
         B, C = logits.shape[:2]
+        if not state.any_left:  # host flag set by `keep`: exited tokens are the ones that left
+            self.exited = torch.zeros(B, state.grid_tokens, dtype=torch.bool, device=logits.device)
+            return logits
+        self.exited, self.head_logits = state.left_mask(), state.grid_view(self._grid_logits)
         head = self.head_logits.transpose(1, 2).reshape(B, C, *state.grid)
         out = paint(logits, head, self.exited.reshape(B, 1, *state.grid), UPSAMPLE[self.mode])
-        state.trace.add(("paint", *logits.shape[-2:]), self.exited.any(1))
+        # images with exited pixels: those with fewer active rows than grid tokens, known on the host
+        rows = state.row_counts if state.row_counts is not None else [state.n] * B
+        state.trace.add(("paint", *logits.shape[-2:]), torch.tensor([int(r < state.grid_tokens) for r in rows]))
         return out
 
     def cost_probe(self, model, key: tuple, n: int):

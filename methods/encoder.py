@@ -3,16 +3,17 @@
 A method is a *policy*: after each block it may take tokens out of the active set
 (pause, exit) or merge them, and it may replace how a block is run (ToMe merges inside
 the block). The loop keeps, for every image, where each grid position's token lives:
-in the active set (``source[b, p]`` = row of ``x``) or parked with the state it had when
-it left (``source[b, p] == -1``). ``TokenState.to_grid`` puts every token back on its
-grid position before the decoder. The baseline is ``Policy`` itself: it does nothing.
+in the active set (a row of ``x``) or parked with the state it had when it left
+(``TokenState``: pausing keeps each row's grid position, merging each position's row).
+``TokenState.to_grid`` puts every token back on its grid position before the decoder.
+The baseline is ``Policy`` itself: it does nothing.
 
 Images of one batch may keep different numbers of tokens. Active rows are then padded
 to the batch maximum and ``valid`` marks the real ones. How a block runs on such a
 ragged batch is the policy's ``batching``: "pad" runs timm's block on the padded batch
 with a key-padding mask (padded rows are computed and thrown away); "packed" runs the
 block's linear layers on the real rows only and attention image by image
-(``packed_block``). A batch where every image keeps the same number of tokens (always
+(``packed_block``), the rows packed once per active set. A batch where every image keeps the same number of tokens (always
 the case at batch 1) runs with no mask either way: exactly the baseline's path.
 
 A model with a class token (``ModelConfig.class_token``) hands the loop its *prefix*:
@@ -31,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from methods.positions import GridPositions
 from methods.ragged import segment_attention
 
 
@@ -76,13 +78,10 @@ class ComputeTrace:
             distinct.setdefault(id(t), t)
         if not distinct:
             return
-        tensors = list(distinct.values())
-        device = next((t.device for t in tensors if t.device.type != "cpu"), None)
-        if device is None:
-            host = dict(zip(distinct, tensors))
-        else:
-            rows = torch.stack([t.to(device) for t in tensors]).cpu().unbind(0)
-            host = dict(zip(distinct, rows))
+        host = {k: t for k, t in distinct.items() if t.device.type == "cpu"}  # made on the host: as they are
+        on_device = {k: t for k, t in distinct.items() if t.device.type != "cpu"}
+        if on_device:
+            host.update(zip(on_device, torch.stack(list(on_device.values())).cpu().unbind(0)))
         if [block for block, _ in self.blocks] == list(range(self.depth)):  # the encoder loop's case
             self.tokens = torch.stack([host[id(c)] for _, c in self.blocks], 1)
         elif self.blocks:
@@ -99,38 +98,101 @@ class ComputeTrace:
             self.decoder_rows = rest.pop(0)
 
 
-class TokenState:
-    """Active tokens of a batch plus the map back to the full token grid."""
+class TokenState(GridPositions):
+    """Active tokens of a batch plus the map back to the full token grid
+    (``methods.positions``: ``keep``, ``to_grid``, ``left_at``, ``source``).
+
+    In "packed" batching the real rows stay packed (T, D) between blocks
+    (``packed_rows``, ``set_packed``): ``x`` and ``prefix`` are unpacked only when read.
+    """
 
     def __init__(self, tokens: Tensor, grid: tuple[int, int], depth: int, prefix: int = 0):
         """``tokens`` (B, P + N, D): ``prefix`` = P tokens with no grid position (the class
         token) first, then the N grid tokens."""
-        self.prefix: Optional[Tensor] = tokens[:, :prefix] if prefix else None  # (B, P, D)
-        tokens = tokens[:, prefix:]
-        B, N, _ = tokens.shape
-        self.x = tokens
-        self.grid = grid
-        self.source = torch.arange(N, device=tokens.device).expand(B, N).clone()
+        B, M, _ = tokens.shape
+        self._P, self._B, self._n = prefix, B, M - prefix
+        self._prefix: Optional[Tensor] = tokens[:, :prefix] if prefix else None  # (B, P, D)
+        self._x, self.grid = tokens[:, prefix:], grid
+        self._init_positions(B, M - prefix, depth, tokens.device)
         self.valid: Optional[Tensor] = None  # (B, n) bool; None: every row is real
         self.size: Optional[Tensor] = None  # (B, n) tokens merged into each row (ToMe)
-        self.parked: Optional[Tensor] = None  # (B, N, D) states of tokens that left
-        self.left_at = torch.full((B, N), depth, dtype=torch.long, device=tokens.device)
+        self._rows: Optional[Tensor] = None  # (T, D) packed rows of ``joined()``
+        self._packed_from: Optional[tuple] = None  # (padded joined rows, packed index)
+        self._stale = False  # ``_rows`` hold the newest states; ``_x``, ``_prefix`` do not
         self.trace = ComputeTrace(torch.zeros(B, depth, dtype=torch.long, device=tokens.device))
-        # host copies read by ``keep``'s one sync: real rows per image while ``valid`` is
-        # set (packed blocks split by them), and whether any token has left so far
-        self.row_counts: Optional[list[int]] = None
-        self.any_left = False
         self._cache: dict = {}  # name -> (active-set key, value): ``_cached``
+
+    # --- rows -----------------------------------------------------------------------
+    @property
+    def x(self) -> Tensor:
+        """Active grid rows (B, n, D), padded to the batch's largest count."""
+        if self._stale:
+            self._unpack()
+        return self._x
+
+    @x.setter
+    def x(self, value: Tensor) -> None:
+        if self._stale:
+            self._unpack()  # the prefix rows are packed too
+        self._x, self._n, self._rows = value, value.shape[1], None
+
+    @property
+    def prefix(self) -> Optional[Tensor]:
+        if self._stale:
+            self._unpack()
+        return self._prefix
+
+    @prefix.setter
+    def prefix(self, value: Optional[Tensor]) -> None:
+        if self._stale:
+            self._unpack()
+        self._prefix, self._rows = value, None
+
+    @property
+    def n(self) -> int:
+        """Rows of ``x`` (without unpacking packed rows)."""
+        return self._n
 
     @property
     def batch_size(self) -> int:
-        return self.x.shape[0]
+        return self._B
+
+    @property
+    def num_prefix(self) -> int:
+        return self._P
+
+    def packed_rows(self, segments: list[int]) -> Tensor:
+        """What a packed block runs on: each image's prefix rows then its real rows,
+        (T, D), ``segments`` rows per image. Packed once per active set: blocks hand
+        their output back to ``set_packed``."""
+        if self._rows is None:
+            joined = self.joined()
+            B, m, D = joined.shape
+            valid = self._cached("joined_valid", self.joined_valid)
+            index = self._cached("packed_index", lambda: packed_index(valid, sum(segments)))
+            self._packed_from = (joined, index)
+            self._rows = joined.reshape(B * m, D).index_select(0, index)
+        return self._rows
+
+    def set_packed(self, rows: Tensor) -> None:
+        self._rows, self._stale, self._x, self._prefix = rows, True, None, None
+
+    def _unpack(self) -> None:
+        joined, index = self._packed_from
+        B, m, D = joined.shape  # padded rows keep what they held when packed
+        out = joined.reshape(B * m, D).index_copy(0, index, self._rows).view(B, m, D)
+        self._prefix = out[:, : self._P] if self._P else None
+        self._x, self._stale = out[:, self._P :], False
+
+    # --- counts and masks, once per active set ----------------------------------------
+    def _key(self) -> tuple:
+        return (self.valid, self._n, self._P)
 
     def _cached(self, name: str, make):
         """``make()``, computed once per active set: the cache holds while ``valid`` is
         the same object and the row count the same (a decision or merge replaces
         ``valid``), so blocks between two decisions dispatch no counting ops."""
-        key = (self.valid, self.x.shape[1], self.num_prefix)
+        key = self._key()
         hit = self._cache.get(name)
         if hit is not None and hit[0][0] is key[0] and hit[0][1:] == key[1:]:
             return hit[1]
@@ -138,11 +200,16 @@ class TokenState:
         self._cache[name] = (key, value)
         return value
 
+    def _seed(self, **values) -> None:
+        """Cache entries a decision already computed."""
+        for name, value in values.items():
+            self._cache[name] = (self._key(), value)
+
     def counts(self) -> Tensor:
         """Real active tokens per image, (B,), on the tokens' device (no host sync)."""
         if self.valid is None:
-            return self._cached("counts", lambda: torch.full((self.batch_size,), self.x.shape[1], dtype=torch.long,
-                                                             device=self.x.device))
+            return self._cached("counts", lambda: torch.full((self._B,), self._n, dtype=torch.long,
+                                                             device=self.device))
         return self._cached("counts", lambda: self.valid.sum(1))
 
     def key_mask(self) -> Optional[Tensor]:
@@ -151,97 +218,38 @@ class TokenState:
             return None
         return self._cached("key_mask", lambda: self.joined_valid()[:, None, None, :])
 
-    @property
-    def num_prefix(self) -> int:
-        return 0 if self.prefix is None else self.prefix.shape[1]
-
     def joined(self, x: Optional[Tensor] = None) -> Tensor:
         """What a block runs on: the prefix (class token) rows, then the active rows ``x``
         (default ``self.x``), (B, P + n, D)."""
         x = self.x if x is None else x
-        return x if self.prefix is None else torch.cat([self.prefix, x], 1)
+        return x if self._P == 0 else torch.cat([self.prefix, x], 1)
 
     def joined_valid(self, valid: Optional[Tensor] = None) -> Optional[Tensor]:
         """``valid`` (default ``self.valid``) with the prefix rows, always real, first."""
         valid = self.valid if valid is None else valid
-        if valid is None or self.prefix is None:
+        if valid is None or self._P == 0:
             return valid
-        return torch.cat([valid.new_ones(valid.shape[0], self.num_prefix), valid], 1)
+        return torch.cat([valid.new_ones(valid.shape[0], self._P), valid], 1)
 
     def split(self, joined: Tensor) -> Tensor:
         """A block's output on ``joined()`` rows: keeps the prefix rows, returns the others."""
-        if self.prefix is None:
+        if self._P == 0:
             return joined
-        self.prefix = joined[:, : self.num_prefix]
-        return joined[:, self.num_prefix :]
+        self.prefix = joined[:, : self._P]
+        return joined[:, self._P :]
 
     def block_counts(self, counts: Optional[Tensor] = None) -> Tensor:
         """Tokens a block computes per image: the real active rows (``counts``, default
         ``counts()``) plus the prefix. What traces price blocks at."""
         if counts is None:
-            return self._cached("block_counts", lambda: self.counts() + self.num_prefix if self.num_prefix
-                                else self.counts())
-        return counts + self.num_prefix if self.num_prefix else counts
-
-    def keep(self, keep: Tensor, layer: int) -> None:
-        """Keep rows where ``keep`` (B, n) is True; park the others' tokens as they are.
-
-        Grid positions whose row leaves get ``left_at = layer``. Kept rows stay in order.
-        """
-        B, n, D = self.x.shape
-        if B == 0 or n == 0:
-            return  # no active row: nothing can leave
-        if self.valid is not None:
-            keep = keep & self.valid
-        kept = keep.sum(1)
-        # the decision's one device-to-host read: rows kept per image (a row left where an
-        # image keeps fewer than its real rows)
-        row_counts = kept.tolist()
-        if self.row_counts is not None or self.valid is None:
-            before = self.row_counts if self.row_counts is not None else [n] * B
-            any_gone = any(k < b for k, b in zip(row_counts, before))
-        else:  # rows merged away by a policy that keeps no host counts (ALGM): assume a change
-            any_gone = True
-        if not any_gone:
-            return  # nothing left: the state is unchanged
-        self.any_left = True
-        rows_at = self.source.clamp(min=0)  # each grid position's row (parked ones: any row)
-        drop, parked_before = ~keep, self.source < 0
-        gone = drop.gather(1, rows_at) > parked_before  # its row leaves, and it was not parked (a & ~b)
-        at_grid = self.x.gather(1, rows_at[..., None].expand(B, -1, D))
-        gone_d = gone[..., None]
-        self.parked = at_grid.where(gone_d, 0.0 if self.parked is None else self.parked)
-        self.left_at.masked_fill_(gone, layer)
-        n_new = max(row_counts)
-        # kept rows first, in order (int8: the sort dtype the old code ran on CUDA too)
-        order = keep.to(torch.int8).argsort(dim=1, descending=True, stable=True)[:, :n_new]
-        self.x = self.x.gather(1, order[..., None].expand(-1, -1, D))
-        if self.size is not None:
-            self.size = self.size.gather(1, order)
-        ragged = min(row_counts) != n_new
-        fits = torch.arange(n_new, device=self.x.device) < kept[:, None]  # (B, n_new): a real row
-        self.valid = fits if ragged else None
-        self.row_counts = row_counts if ragged else None
-        # old row -> new row (or -1), then re-point every grid position
-        new_row = keep.cumsum(1).sub_(1).masked_fill_(drop, -1)
-        self.source = new_row.gather(1, rows_at).masked_fill_(parked_before, -1)  # gone rows: -1 already
-
-    def to_grid(self) -> Tensor:
-        """Every token back at its grid position: (B, N, D)."""
-        B, N = self.source.shape
-        D = self.x.shape[-1]
-        if self.x.shape[1] == 0:
-            return self.parked
-        active = self.x.gather(1, self.source.clamp(min=0)[..., None].expand(B, N, D))
-        if self.parked is None:
-            return active
-        return torch.where((self.source >= 0)[..., None], active, self.parked)
+            return self._cached("block_counts", lambda: self.counts() + self._P if self._P else self.counts())
+        return counts + self._P if self._P else counts
 
 
 def packed_index(valid: Tensor, total: int) -> Tensor:
     """Flat indices (T,) of the real rows of a padded (B, n) batch, image by image, found
     without a host sync (``total``: T, known on the host)."""
-    return torch.argsort((~valid).flatten().to(torch.int8), stable=True)[:total]
+    return torch.argsort(valid.flatten(), descending=True, stable=True)[:total]
 
 
 def packed_block(block, x: Tensor, valid: Tensor, segments: Optional[list[int]] = None,
@@ -251,20 +259,24 @@ def packed_block(block, x: Tensor, valid: Tensor, segments: Optional[list[int]] 
     ``valid`` marks each image's real rows, which come first (``TokenState.keep``);
     ``segments``: their host-side counts per image (``TokenState.row_counts``), read from
     the device when not given; ``index``: ``packed_index(valid, T)``, where the caller
-    keeps it between blocks.
+    keeps it between blocks. ``x`` already packed (T, D) (``TokenState.packed_rows``,
+    with ``segments``): the output stays packed.
 
     Modifications vs timm's ``Block.forward``: tokens packed, attention per image
     segment (no mask needed); no gating / attention dropout (inference path).
     """
     attn = block.attn
-    B, n, D = x.shape
     if segments is None:
         segments = valid.sum(1).tolist()
     T = sum(segments)
-    if index is None:
-        index = packed_index(valid, T)
-    flat = x.reshape(B * n, D)
-    rows = flat.index_select(0, index)  # (T, D)
+    if x.dim() == 2:
+        rows = x
+    else:
+        B, n, D = x.shape
+        if index is None:
+            index = packed_index(valid, T)
+        flat = x.reshape(B * n, D)
+        rows = flat.index_select(0, index)  # (T, D)
     qkv = attn.qkv(block.norm1(rows)).reshape(T, 3, attn.num_heads, attn.head_dim).permute(1, 2, 0, 3)
     q, k, v = qkv.unbind(0)  # (heads, T, head_dim)
     q, k = attn.q_norm(q), attn.k_norm(k)
@@ -272,6 +284,8 @@ def packed_block(block, x: Tensor, valid: Tensor, segments: Optional[list[int]] 
     out = attn.proj(attn.norm(out.transpose(0, 1).reshape(T, attn.attn_dim)))
     rows = rows + block.drop_path1(block.ls1(out))
     rows = rows + block.drop_path2(block.ls2(block.mlp(block.norm2(rows))))
+    if x.dim() == 2:
+        return rows
     return torch.zeros_like(flat).index_copy_(0, index, rows).reshape(B, n, D)
 
 
@@ -310,11 +324,12 @@ class Policy:
 
     def run_block(self, index: int, block, state: TokenState) -> None:
         if state.valid is not None and self.batching == "packed":
-            segments = None if state.row_counts is None else [c + state.num_prefix for c in state.row_counts]
-            valid = state._cached("joined_valid", state.joined_valid)
-            index = None if segments is None else state._cached("packed_index",
-                                                                 lambda: packed_index(valid, sum(segments)))
-            state.x = state.split(packed_block(block, state.joined(), valid, segments, index))
+            if state.row_counts is None:  # no host counts (merged rows): packed_block reads them
+                valid = state._cached("joined_valid", state.joined_valid)
+                state.x = state.split(packed_block(block, state.joined(), valid))
+            else:  # rows stay packed from block to block
+                segments = [c + state.num_prefix for c in state.row_counts]
+                state.set_packed(packed_block(block, state.packed_rows(segments), None, segments))
         else:
             state.x = state.split(block(state.joined(), attn_mask=state.key_mask()))
         state.trace.add(("block",), state.block_counts())
@@ -354,7 +369,7 @@ def run_encoder(blocks, tokens: Tensor, grid: tuple[int, int], policy: Policy, m
     policy.start(model, state)
     for i, block in enumerate(blocks):
         state.trace.record_tokens(i, state.counts())
-        if state.x.shape[1] + state.num_prefix > 0:  # the batch's largest count (``keep`` trims to it)
+        if state.n + state.num_prefix > 0:  # the batch's largest count (``keep`` trims to it)
             policy.run_block(i, block, state)
         policy.after_block(i, block, state)
     return state
@@ -364,6 +379,4 @@ def known_counts(state: TokenState, counts: Tensor, block_counts: Tensor) -> Non
     """Hand ``state`` the real rows per image of its current active set, (B,), and the
     block counts (with the prefix), where a policy knows them already (ToMe's fixed
     merges), so that ``counts`` and ``block_counts`` dispatch no op for it."""
-    key = (state.valid, state.x.shape[1], state.num_prefix)
-    state._cache["counts"] = (key, counts)
-    state._cache["block_counts"] = (key, block_counts)
+    state._seed(counts=counts, block_counts=block_counts)

@@ -14,7 +14,7 @@ Scores (``criterion``), each in [0, 1], low = confident:
   schedule    forced selection for timing untrained models (``bench speed``): after
               each pausing layer a declared fraction of the grid stays active
               (``stay``, one per layer), spread image to image by +-``spread``; the
-              lowest-entropy tokens pause (``scheduled_selection``)
+              lowest-entropy tokens pause (``scheduled_order``: one sort)
 
 A class token (``ModelConfig.class_token``) never pauses: it is not a grid row, no head
 scores it, and it runs through every block (``methods.encoder``).
@@ -46,10 +46,16 @@ def default_layers(depth: int) -> list[int]:
     return sorted({max(1, round(depth * f)) for f in (1 / 3, 1 / 2, 2 / 3)})
 
 
+def plogp(logits: Tensor) -> Tensor:
+    """sum p log p over the last dim: minus the entropy, in [-log C, 0]."""
+    logp = F.log_softmax(logits, dim=-1)
+    return (logp.exp() * logp).sum(-1)
+
+
 def normalized_entropy(logits: Tensor) -> Tensor:
     """-sum p log p / log C over the last dim, in [0, 1]."""
-    logp = F.log_softmax(logits, dim=-1)
-    return -(logp.exp() * logp).sum(-1) / math.log(logits.shape[-1])
+    # dividing by -log C is bitwise -(x / log C) (rounding is symmetric): one op fewer
+    return plogp(logits) / -math.log(logits.shape[-1])
 
 
 def default_stay(layers: int) -> list[float]:
@@ -76,11 +82,20 @@ def scheduled_selection(scores: Tensor, candidates: Optional[Tensor], stay: floa
     target = _scheduled_targets(B, stay, grid_tokens, spread, scores.device)
     if active is None:
         active = candidates.sum(1) if candidates is not None else torch.full((B,), n, device=scores.device)
-    leave = (active - target).clamp(min=0)
+    leave = active - target  # below 0: no rank is below it, none leaves
     if candidates is not None:
         scores = scores.where(candidates, float("inf"))  # ranked after every candidate
     ranks = scores.argsort(dim=1, stable=True).argsort(dim=1)
     return ranks < leave[:, None]
+
+
+def scheduled_order(state: TokenState, scores: Tensor, stay: float, spread: float) -> tuple[Tensor, Tensor]:
+    """``scheduled_selection`` as ``TokenState.keep_first`` takes it, in one sort: each
+    image's rows by ascending ``scores`` (B, n), padded rows last, and how many of them
+    stay: ``stay`` of the grid, offset by ``spread`` from image to image, at most its rows.
+    The rows that stay run on in score order."""
+    target = _scheduled_targets(state.batch_size, stay, state.grid_tokens, spread, scores.device)
+    return state.padded_last(scores).argsort(dim=1, stable=True), torch.minimum(state.counts(), target)
 
 
 def pause_scores(logits: Tensor, criterion: str) -> Tensor:
@@ -201,10 +216,11 @@ class PaumerPolicy(Policy):
         return {"tau": self.taus, "layers": self.layers, "criterion": self.criterion}
 
     # --- the pausing decision -------------------------------------------------------
-    def _pause(self, logits: Tensor, tau: float, rows: Optional[Tensor], candidates: Optional[Tensor]) -> Tensor:
+    def _pause(self, logits: Tensor, tau: float, targets: Optional[Tensor], candidates: Optional[Tensor]) -> Tensor:
         """Boolean (B, n): which of the given tokens pause at this layer. ``candidates``
         (B, n): the rows that are tokens still running (None: all); padded rows (a ragged
-        batch) and tokens already paused (training) neither pause nor count."""
+        batch) and tokens already paused (training) neither pause nor count. ``targets``:
+        the oracle's labels of the rows (None: ``self.targets``, rows in grid order)."""
         pause = pause_scores(logits, self.criterion) < tau
         if candidates is not None:
             pause &= candidates
@@ -213,8 +229,7 @@ class PaumerPolicy(Policy):
         elif self.criterion == "oracle":
             if self.targets is None:
                 raise ValueError("the oracle criterion needs labels (evaluation only)")
-            target = self.targets.to(logits.device).gather(1, rows) if rows is not None else self.targets
-            pause &= logits.argmax(-1) == target
+            pause &= logits.argmax(-1) == (targets if targets is not None else self.targets)
         return pause
 
     def _random_like(self, pause: Tensor, candidates: Optional[Tensor]) -> Tensor:
@@ -226,15 +241,6 @@ class PaumerPolicy(Policy):
             noise = noise.masked_fill(~candidates, 2.0)  # ranked after every candidate: never chosen
         ranks = noise.argsort(1).argsort(1)
         return ranks < pause.sum(1, keepdim=True)
-
-    def _rows_grid_position(self, state: TokenState) -> Tensor:
-        """(B, n) grid position of each active row (a pausing model never merges)."""
-        B, n = state.x.shape[:2]
-        pos = torch.zeros(B, n + 1, dtype=torch.long, device=state.x.device)
-        grid = torch.arange(state.source.shape[1], device=state.x.device).expand_as(state.source)
-        # parked positions write to a spare last column (a scatter: no host sync)
-        pos.scatter_(1, torch.where(state.source >= 0, state.source, n), grid)
-        return pos[:, :n]
 
     # --- the hooks --------------------------------------------------------------------
     def start(self, model, state: TokenState) -> None:
@@ -266,13 +272,12 @@ class PaumerPolicy(Policy):
             state.left_at.masked_fill_(pause, index + 1)  # not left_at[pause] =: that reads the host
             self.active = self.active & ~pause
             return
-        rows = self._rows_grid_position(state) if self.criterion == "oracle" else None
-        if self.criterion == "schedule":
-            stay = self.stay[self.layers.index(index + 1)]
-            pause = scheduled_selection(normalized_entropy(logits), state.valid, stay, state.source.shape[1],
-                                        self.spread, active=state.counts())
-        else:
-            pause = self._pause(logits, tau, rows, state.valid)
+        if self.criterion == "schedule":  # the most unsure stay: ascending sum p log p
+            order, kept = scheduled_order(state, plogp(logits), self.stay[self.layers.index(index + 1)], self.spread)
+            state.keep_first(order, kept, layer=index + 1)  # its one host read
+            return
+        targets = state.at_rows(self.targets.to(logits.device)) if self.criterion == "oracle" else None
+        pause = self._pause(logits, tau, targets, state.valid)
         state.keep(~pause, layer=index + 1)  # its one host read; unchanged when none pauses
 
     def cost_probe(self, model, key: tuple, n: int):
