@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from methods.positions import GridPositions
