@@ -12,9 +12,10 @@ Images of one batch may keep different numbers of tokens. Active rows are then p
 to the batch maximum and ``valid`` marks the real ones. How a block runs on such a
 ragged batch is the policy's ``batching``: "pad" runs timm's block on the padded batch
 with a key-padding mask (padded rows are computed and thrown away); "packed" runs the
-block's linear layers on the real rows only and attention image by image
-(``packed_block``), the rows packed once per active set. A batch where every image keeps the same number of tokens (always
-the case at batch 1) runs with no mask either way: exactly the baseline's path.
+block's linear layers on the real rows only, packed once per active set, and attention
+per image segment (``packed_block``, ``methods.ragged``: one fused call on CUDA). A batch
+where every image keeps the same number of tokens (always the case at batch 1) runs with
+no mask either way: exactly the baseline's path.
 
 A model with a class token (``ModelConfig.class_token``) hands the loop its *prefix*:
 ``TokenState.prefix`` (B, P, D) holds it apart from the grid rows ``x``, so that no
@@ -262,7 +263,8 @@ def packed_block(block, x: Tensor, valid: Tensor, segments: Optional[list[int]] 
     with ``segments``): the output stays packed.
 
     Modifications vs timm's ``Block.forward``: tokens packed, attention per image
-    segment (no mask needed); no gating / attention dropout (inference path).
+    segment (``segment_attention``: no mask needed); no gating / attention dropout
+    (inference path).
     """
     attn = block.attn
     if segments is None:
